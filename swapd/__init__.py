@@ -1,0 +1,3 @@
+"""swapd: a model-swapping reverse proxy for local LLM servers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,416 @@
+"""A fake OpenAI-compatible LLM server, used by swapd's tests, demos and benchmarks.
+
+Run it as ``python -m swapd.fake_backend --port N [options]``.  It is a real HTTP
+server process (aiohttp) and deliberately imports nothing else from swapd, so it
+can be started standalone.  See ``--help`` for the knobs that simulate slow
+loads, slow/crashing streams, stubborn processes and orphaned children.
+
+Endpoints:
+  GET  /health                 503 {"status":"loading"} during --load-delay, then 200 {"status":"ok"}
+  POST /v1/chat/completions    OpenAI chat completion (streaming with "stream": true)
+  POST /v1/completions         OpenAI text completion (streaming with "stream": true)
+  POST /v1/embeddings          8 deterministic floats per input
+  GET  /v1/models              the --model-id
+  GET  /x/headers              the request headers as a JSON object
+  GET  /x/pid                  {"pid": ...}
+  GET  /x/stats                stream / request counters
+  anything else                404 {"error": {"message": ..., "type": "not_found"}}
+
+Extra request-body fields: "x_sleep" (seconds to sleep before answering),
+"x_echo" (non-streaming: content is the raw body length, plus "x_body_bytes" and
+"x_body_sha256"), "max_tokens" (overrides --chunks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+# Large enough for a 200 MB (and more) request body.
+CLIENT_MAX_SIZE = 1024 * 1024 * 1024
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _out(line: str) -> None:
+    """Print one line to stdout and flush it at once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_dumps(data).encode(), status=status, content_type="application/json")
+
+
+def _error(message: str, status: int, type_: str) -> web.Response:
+    return _json({"error": {"message": message, "type": type_}}, status=status)
+
+
+class FakeBackend:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.model_id: str = args.model_id
+        self.started = time.monotonic()
+        self.ready_at = self.started + max(0.0, args.load_delay)
+        self.quiet: bool = args.quiet
+        self.stats = {
+            "streams_started": 0,
+            "streams_completed": 0,
+            "streams_cancelled": 0,
+            "requests": 0,
+            "in_flight": 0,
+        }
+
+    # -- plumbing -------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[self._middleware])
+        r = app.router
+        r.add_get("/health", self.health)
+        r.add_post("/v1/chat/completions", self.chat_completions)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/embeddings", self.embeddings)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/x/headers", self.x_headers)
+        r.add_get("/x/pid", self.x_pid)
+        r.add_get("/x/stats", self.x_stats)
+        r.add_route("*", "/{tail:.*}", self.not_found)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        stats = self.stats
+        stats["requests"] += 1
+        stats["in_flight"] += 1
+        if not self.quiet:
+            _out(f"fake_backend: request {request.method} {request.path}")
+        try:
+            return await handler(request)
+        finally:
+            stats["in_flight"] -= 1
+
+    async def _read_body(self, request: web.Request) -> tuple[bytes, dict[str, Any]] | web.Response:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError as e:
+            return _error(f"invalid JSON body: {e}", 400, "invalid_request_error")
+        if not isinstance(body, dict):
+            return _error("request body must be a JSON object", 400, "invalid_request_error")
+        sleep = body.get("x_sleep")
+        if sleep:
+            await asyncio.sleep(float(sleep))
+        return raw, body
+
+    def _model(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        return model if isinstance(model, str) and model else self.model_id
+
+    def _n_tokens(self, body: dict[str, Any]) -> int:
+        for key in ("max_tokens", "max_completion_tokens"):
+            v = body.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                return v
+        return self.args.chunks
+
+    # -- endpoints ------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        if time.monotonic() < self.ready_at:
+            return _json({"status": "loading"}, status=503)
+        return _json({"status": "ok"})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._completion(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._completion(request, chat=False)
+
+    async def _completion(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        got = await self._read_body(request)
+        if isinstance(got, web.Response):
+            return got
+        raw, body = got
+        model = self._model(body)
+        n = self._n_tokens(body)
+        if body.get("stream") is True:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return await self._stream(request, chat, model, n, include_usage)
+
+        content = "".join(f"tok{i} " for i in range(n))
+        prompt_tokens = max(1, len(raw) // 4)
+        extra: dict[str, Any] = {}
+        if body.get("x_echo") is True:
+            content = str(len(raw))
+            extra = {"x_body_bytes": len(raw), "x_body_sha256": hashlib.sha256(raw).hexdigest()}
+        if chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        else:
+            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": "stop"}
+        return _json(
+            {
+                "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": n,
+                    "total_tokens": prompt_tokens + n,
+                },
+                **extra,
+            }
+        )
+
+    async def _stream(
+        self, request: web.Request, chat: bool, model: str, n: int, include_usage: bool
+    ) -> web.StreamResponse:
+        stats = self.stats
+        interval = self.args.interval
+        crash_after = self.args.crash_after_chunks
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        stats["streams_started"] += 1
+
+        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        created = int(time.time())
+        sent = 0
+
+        def chunk(choice: dict[str, Any], **extra: Any) -> bytes:
+            return b"data: " + _dumps(
+                {
+                    "id": cid,
+                    "object": obj,
+                    "created": created,
+                    "model": model,
+                    "choices": [choice],
+                    "x_sent_at": time.time(),
+                    **extra,
+                }
+            ).encode() + b"\n\n"
+
+        try:
+            if crash_after is not None and crash_after <= 0:
+                os._exit(3)
+            for i in range(n):
+                if i and interval > 0:
+                    await asyncio.sleep(interval)
+                tok = f"tok{i} "
+                if chat:
+                    choice = {"index": 0, "delta": {"content": tok}, "finish_reason": None}
+                    if i == 0:
+                        choice["delta"] = {"role": "assistant", "content": tok}
+                else:
+                    choice = {"index": 0, "text": tok, "finish_reason": None}
+                await resp.write(chunk(choice))
+                sent += 1
+                if crash_after is not None and sent >= crash_after:
+                    await resp.drain()
+                    os._exit(3)
+            final = (
+                {"index": 0, "delta": {}, "finish_reason": "stop"}
+                if chat
+                else {"index": 0, "text": "", "finish_reason": "stop"}
+            )
+            await resp.write(chunk(final))
+            if include_usage:
+                await resp.write(
+                    b"data: "
+                    + _dumps(
+                        {
+                            "id": cid,
+                            "object": obj,
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+                        }
+                    ).encode()
+                    + b"\n\n"
+                )
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except asyncio.CancelledError:
+            # Client went away mid-stream: aiohttp cancels the handler.
+            stats["streams_cancelled"] += 1
+            _out(f"fake_backend: stream cancelled after {sent} chunks")
+            raise
+        except ConnectionError:
+            # Client went away and a write noticed first; aiohttp ignores the dead connection.
+            stats["streams_cancelled"] += 1
+            _out(f"fake_backend: stream cancelled after {sent} chunks")
+            return resp
+        stats["streams_completed"] += 1
+        return resp
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        got = await self._read_body(request)
+        if isinstance(got, web.Response):
+            return got
+        _, body = got
+        inp = body.get("input", "")
+        inputs = [inp] if isinstance(inp, str) else list(inp) if isinstance(inp, list) else [inp]
+        data = []
+        tokens = 0
+        for i, item in enumerate(inputs):
+            text = item if isinstance(item, str) else _dumps(item)
+            tokens += max(1, len(text.split()))
+            digest = hashlib.sha256(text.encode()).digest()
+            # 8 deterministic floats in [-1, 1) from the input's digest.
+            vec = [v / 2147483648.0 for v in struct.unpack("<8i", digest)]
+            data.append({"object": "embedding", "index": i, "embedding": vec})
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": self._model(body),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "object": "list",
+                "data": [{"id": self.model_id, "object": "model", "created": 0, "owned_by": "fake_backend"}],
+            }
+        )
+
+    async def x_headers(self, request: web.Request) -> web.Response:
+        # Original-case names; repeated headers are joined with ", ".
+        out: dict[str, str] = {}
+        for k, v in request.headers.items():
+            out[k] = f"{out[k]}, {v}" if k in out else v
+        return _json(out)
+
+    async def x_pid(self, request: web.Request) -> web.Response:
+        return _json({"pid": os.getpid()})
+
+    async def x_stats(self, request: web.Request) -> web.Response:
+        s = dict(self.stats)
+        s["in_flight"] -= 1  # don't count this /x/stats request itself
+        return _json(s)
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return _error(f"no route for {request.method} {request.path}", 404, "not_found")
+
+
+# -- process-level behaviours ---------------------------------------------------
+
+
+def _write_vram_state(pid: int, mib: int) -> None:
+    state_dir = os.environ.get("SWAPD_STUB_NVML_STATE")
+    if not state_dir:
+        return
+    os.makedirs(state_dir, exist_ok=True)
+    path = os.path.join(state_dir, str(pid))
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(mib))
+    os.replace(tmp, path)
+
+
+def _fork_child(setsid: bool) -> int:
+    """Start a long-sleeping child that outlives us (no death signal is set).
+
+    It inherits stdout/stderr (like a real server's helper process would), so it
+    keeps any output pipe open after this process dies.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(100000)"],
+        stdin=subprocess.DEVNULL,
+        start_new_session=setsid,  # setsid() in the child before exec
+    )
+    return child.pid
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m swapd.fake_backend", description=__doc__.split("\n")[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--model-id", default="fake", help="model name echoed when the request has none")
+    p.add_argument("--load-delay", type=float, default=0.0, help="seconds /health answers 503 after start")
+    p.add_argument("--chunks", type=int, default=5, help="content chunks per response (max_tokens overrides)")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds between streaming chunks")
+    p.add_argument("--ignore-sigterm", action="store_true", help="ignore SIGTERM (needs SIGKILL)")
+    p.add_argument("--crash-after-chunks", type=int, default=None, help="os._exit(3) after N streamed chunks")
+    p.add_argument("--exit-at-start", type=int, default=None, metavar="CODE", help="exit with CODE before listening")
+    p.add_argument("--fork-child", action="store_true", help="start a child process that outlives this one")
+    p.add_argument("--fork-child-setsid", action="store_true", help="the forked child runs in its own session")
+    p.add_argument("--log-lines", type=int, default=0, help="print N lines to stdout at startup")
+    p.add_argument("--exit-after", type=float, default=None, help="exit with code 4 after SECONDS")
+    p.add_argument("--vram-mib", type=int, default=0, help="VRAM (MiB) reported via $SWAPD_STUB_NVML_STATE")
+    p.add_argument("--quiet", action="store_true", help="don't log each request")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    backend = FakeBackend(args)
+    runner = web.AppRunner(
+        backend.make_app(), access_log=None, handle_signals=False, handler_cancellation=True
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    _out(f"fake_backend: listening on {args.host}:{args.port} pid {os.getpid()}")
+
+    if args.exit_after is not None:
+
+        def _exit_now() -> None:
+            _out(f"fake_backend: exiting after {args.exit_after}s with code 4")
+            os._exit(4)
+
+        asyncio.get_running_loop().call_later(max(0.0, args.exit_after), _exit_now)
+
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.exit_at_start is not None:
+        sys.stderr.write(f"fake_backend: exiting at startup with code {args.exit_at_start}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(args.exit_at_start)
+    if args.log_lines > 0:
+        sys.stdout.write("".join(f"fake_backend: log line {i}\n" for i in range(args.log_lines)))
+        sys.stdout.flush()
+    _write_vram_state(os.getpid(), args.vram_mib)
+    if args.fork_child or args.fork_child_setsid:
+        # Before SIG_IGN below, so the child keeps default signal dispositions.
+        child_pid = _fork_child(args.fork_child_setsid)
+        _write_vram_state(child_pid, args.vram_mib)
+        _out(f"fake_backend: child pid {child_pid}")
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
