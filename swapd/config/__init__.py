@@ -1,0 +1,39 @@
+"""Configuration loading for swapd (llama-swap compatible YAML).
+
+    from swapd.config import load_config
+    cfg = load_config("config.yaml")
+    model = cfg.resolve("gpt-4o-mini")      # model id or alias
+    model.cmd, model.proxy, model.port, cfg.group_of(model.id)
+
+Problems raise :class:`ConfigError` (one line naming file, model and key);
+non-fatal findings (unknown or not yet implemented keys) are listed in
+``Config.warnings``.
+"""
+
+from ._errors import ConfigError
+from ._load import (
+    DEFAULT_CONCURRENCY_LIMIT,
+    DEFAULT_HEALTH_CHECK_TIMEOUT,
+    DEFAULT_START_PORT,
+    DEFAULT_UNLOAD_TIMEOUT,
+    MIN_HEALTH_CHECK_TIMEOUT,
+    load_config,
+    load_config_text,
+)
+from ._model import DEFAULT_GROUP_ID, PID_PLACEHOLDER, Config, GroupConfig, ModelConfig
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DEFAULT_CONCURRENCY_LIMIT",
+    "DEFAULT_GROUP_ID",
+    "DEFAULT_HEALTH_CHECK_TIMEOUT",
+    "DEFAULT_START_PORT",
+    "DEFAULT_UNLOAD_TIMEOUT",
+    "GroupConfig",
+    "MIN_HEALTH_CHECK_TIMEOUT",
+    "ModelConfig",
+    "PID_PLACEHOLDER",
+    "load_config",
+    "load_config_text",
+]
