@@ -1,0 +1,513 @@
+"""One model's backend process: spawn, health wait, crash watch, full-tree stop.
+
+A ``Backend`` owns its process and its state. The scheduler decides *when* a
+backend starts or stops; the backend decides *how*, and it is the only code
+that changes its own state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import psutil
+
+from swapd import osutil
+from swapd.config import ModelConfig
+from swapd.logging import get_logger
+from swapd.logring import LogRing
+
+log = get_logger("swapd.backend")
+
+TAIL_LINES = 20
+_READ_CHUNK = 64 * 1024
+_MAX_LINE = 8 * 1024
+# Tree snapshots while a backend runs; cheap (one /proc walk) and rare.
+_TRACK_INTERVAL = 5.0
+
+
+class State(str, enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+class StartError(Exception):
+    """The backend could not be made ready. The message is meant for a person."""
+
+    def __init__(self, model_id: str, message: str, *, exit_code: int | None = None, tail: list[str] | None = None):
+        self.model_id = model_id
+        self.exit_code = exit_code
+        self.tail = tail or []
+        super().__init__(message)
+
+    def detail(self) -> str:
+        text = str(self)
+        if self.tail:
+            text += "\nlast output:\n" + "\n".join(self.tail)
+        return text
+
+
+@dataclass
+class StopReport:
+    model_id: str
+    reason: str
+    root_pid: int | None
+    pids: list[int]
+    forced: list[int] = field(default_factory=list)  # pids that needed SIGKILL
+    survivors: list[int] = field(default_factory=list)  # pids still alive at the end
+    seconds: float = 0.0
+    exit_code: int | None = None
+
+
+class ChildRegistry:
+    """What swapd knows about its own children, for reaping orphans safely.
+
+    swapd is a child subreaper, so orphaned grandchildren of a backend become
+    swapd's children and must be reaped by us. Processes that asyncio spawned
+    are reaped by asyncio's child watcher; reaping one of those here would lose
+    its exit code, so they are excluded, and nothing is reaped while a spawn is
+    between fork and registration.
+    """
+
+    def __init__(self) -> None:
+        self.managed: set[int] = set()
+        self.spawning = 0
+
+    def reap_orphans(self) -> list[int]:
+        if self.spawning:
+            return []
+        reaped = []
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:  # pragma: no cover
+            return []
+        for child in children:
+            if child.pid in self.managed:
+                continue
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    continue
+            except psutil.Error:
+                continue
+            if osutil.reap_zombie(child.pid) is not None:
+                reaped.append(child.pid)
+        return reaped
+
+
+CHILDREN = ChildRegistry()
+
+
+def _pid_key(proc: psutil.Process) -> tuple[int, float] | None:
+    try:
+        return proc.pid, proc.create_time()
+    except psutil.Error:
+        return None
+
+
+def _alive(pid: int, ctime: float) -> bool:
+    """True while ``pid`` is still the process we tracked and not a zombie."""
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - ctime) > 0.01:
+            return False  # pid was reused by an unrelated process
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Backend:
+    """The process behind one configured model."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        *,
+        logs: LogRing,
+        session: aiohttp.ClientSession,
+        on_exit: Callable[[Backend, int | None], None] | None = None,
+        on_state: Callable[[Backend, State, State], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.next_model: ModelConfig | None = None  # set by a reload; used from the next start
+        self.state = State.STOPPED
+        self._logs = logs
+        self._session = session
+        self._on_exit = on_exit
+        self._on_state = on_state
+        self._proc: asyncio.subprocess.Process | None = None
+        self._tracked: dict[int, float] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._pumps: list[asyncio.Task] = []
+        self._exited = asyncio.Event()
+        self._stop_lock = asyncio.Lock()
+        self._recent: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._stopping_by_us = False
+        self.started_at: float | None = None  # wall clock, for orphan attribution
+        self.ready_at: float | None = None
+        self.last_exit_code: int | None = None
+        self.last_error: str | None = None
+
+    # -- introspection -------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.model.id
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def tracked_pids(self) -> list[int]:
+        return sorted(self._tracked)
+
+    def tail(self) -> list[str]:
+        return list(self._recent)
+
+    def _set_state(self, new: State) -> None:
+        old, self.state = self.state, new
+        if old is not new:
+            log.debug("backend.state", model=self.id, old=old.value, new=new.value)
+            if self._on_state is not None:
+                self._on_state(self, old, new)
+
+    def _spawn_task(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- start ---------------------------------------------------------
+    async def start(self) -> None:
+        """Spawn the backend and return once its health check passes.
+
+        Raises ``StartError`` when the process exits first or the health check
+        times out; the process tree is gone by then. Cancellation also stops
+        the tree before propagating.
+        """
+        if self.state is not State.STOPPED:
+            raise RuntimeError(f"start() in state {self.state.value}")
+        t0 = time.monotonic()
+        if self.next_model is not None:
+            self.model, self.next_model = self.next_model, None
+        self._set_state(State.STARTING)
+        self._exited = asyncio.Event()
+        self._tracked = {}
+        self._recent.clear()
+        self._stopping_by_us = False
+        self.last_error = None
+        try:
+            await self._spawn()
+            await self._wait_healthy(t0)
+        except BaseException as exc:
+            if isinstance(exc, StartError):
+                self.last_error = exc.detail()
+            await self._teardown("start failed")
+            raise
+        self.ready_at = time.time()
+        self._snapshot_tree()
+        self._set_state(State.READY)
+        log.info("backend.ready", model=self.id, pid=self.pid, seconds=round(time.monotonic() - t0, 3))
+
+    async def _spawn(self) -> None:
+        model = self.model
+        env = dict(os.environ)
+        env.update(model.env)
+        CHILDREN.spawning += 1
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *model.cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # own process group: one signal reaches the tree
+                preexec_fn=osutil.make_pdeathsig_preexec(),
+            )
+        except OSError as exc:
+            raise StartError(self.id, f"model {self.id}: cannot run {model.cmd[0]!r}: {exc.strerror or exc}") from exc
+        finally:
+            CHILDREN.spawning -= 1
+        proc = self._proc
+        CHILDREN.managed.add(proc.pid)
+        self.started_at = time.time()
+        key = _pid_key(psutil.Process(proc.pid)) if psutil.pid_exists(proc.pid) else None
+        if key:
+            self._tracked[key[0]] = key[1]
+        log.info("backend.start", model=self.id, pid=proc.pid, cmd=" ".join(model.cmd))
+        self._pumps = [
+            self._spawn_task(self._pump(proc.stdout, "stdout")),
+            self._spawn_task(self._pump(proc.stderr, "stderr")),
+        ]
+        self._spawn_task(self._watch(proc))
+
+    async def _pump(self, reader: asyncio.StreamReader, stream: str) -> None:
+        """Copy a pipe into the log ring line by line, whatever its volume."""
+        pending = b""
+        while True:
+            chunk = await reader.read(_READ_CHUNK)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                self._add_line(stream, raw)
+            while len(pending) > _MAX_LINE:  # an endless line must not grow without bound
+                self._add_line(stream, pending[:_MAX_LINE])
+                pending = pending[_MAX_LINE:]
+        if pending:
+            self._add_line(stream, pending)
+
+    def _add_line(self, stream: str, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        self._recent.append(text)
+        self._logs.append(self.id, stream, text)
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        """Notice the root process exiting, expected or not."""
+        next_snapshot = time.monotonic() + _TRACK_INTERVAL
+        while True:
+            try:
+                code = await asyncio.wait_for(proc.wait(), timeout=max(0.0, next_snapshot - time.monotonic()))
+                break
+            except TimeoutError:
+                self._snapshot_tree()
+                next_snapshot = time.monotonic() + _TRACK_INTERVAL
+        CHILDREN.managed.discard(proc.pid)
+        self.last_exit_code = code
+        self._exited.set()
+        if self._stopping_by_us or self.state is State.STARTING:
+            return  # start() or stop() owns what happens next
+        # A ready backend died on its own: clean up what it left and tell the scheduler.
+        crashed = False
+        async with self._stop_lock:
+            if self.state is State.READY and not self._stopping_by_us:
+                crashed = True
+                log.error("backend.crashed", model=self.id, pid=proc.pid, exit_code=code, tail=self.tail()[-5:])
+                self.last_error = f"model {self.id} exited unexpectedly with code {code}"
+                self._set_state(State.STOPPING)
+                await self._kill_tree(list(self._live_tracked().items()), reason="crash", grace=0.0)
+                self._finish_stop()
+        if crashed and self._on_exit is not None:
+            self._on_exit(self, code)
+
+    # -- health --------------------------------------------------------
+    async def _wait_healthy(self, t0: float) -> None:
+        model = self.model
+        deadline = t0 + model.health_check_timeout
+        check = model.check_endpoint
+        url = None if check.strip().lower() == "none" else model.proxy.rstrip("/") + "/" + check.lstrip("/")
+        while True:
+            if self._exited.is_set():
+                # Let the pipes drain so the error shows the backend's last words.
+                if self._pumps:
+                    await asyncio.wait(self._pumps, timeout=0.5)
+                code = self.last_exit_code
+                tail = self.tail()[-TAIL_LINES:]
+                raise StartError(
+                    self.id,
+                    f"model {self.id}: backend exited with code {code} before it was ready",
+                    exit_code=code,
+                    tail=tail,
+                )
+            if url is None or await self._probe(url):
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                raise StartError(
+                    self.id,
+                    f"model {self.id}: health check {url} did not answer 200 within "
+                    f"{model.health_check_timeout:g}s (healthCheckTimeout)",
+                    tail=self.tail()[-TAIL_LINES:],
+                )
+            # Poll fast while a load is young, then relax: readiness is noticed
+            # within 10 ms early on and within 50 ms for long loads.
+            interval = 0.01 if now - t0 < 10 else 0.05
+            try:
+                await asyncio.wait_for(self._exited.wait(), timeout=min(interval, deadline - now))
+            except TimeoutError:
+                pass
+
+    async def _probe(self, url: str) -> bool:
+        try:
+            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    # -- stop ----------------------------------------------------------
+    def _snapshot_tree(self) -> None:
+        """Add the root's current descendants (and process-group members) to the tracked set."""
+        if self._proc is None:
+            return
+        try:
+            root = psutil.Process(self._proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        for proc in procs:
+            key = _pid_key(proc)
+            if key is not None:
+                self._tracked.setdefault(*key)
+
+    def _live_tracked(self) -> dict[int, float]:
+        return {pid: ctime for pid, ctime in self._tracked.items() if _alive(pid, ctime)}
+
+    def claim(self, pid: int, ctime: float) -> None:
+        """Attribute an orphan (found by the registry) to this backend."""
+        self._tracked.setdefault(pid, ctime)
+
+    async def stop(self, reason: str, claim_orphans: Callable[[Backend], None] | None = None) -> StopReport:
+        """Stop the whole process tree; return what was stopped and how.
+
+        Safe to call in any state and from several callers: later callers wait
+        for the stop already running.
+        """
+        async with self._stop_lock:
+            if self.state is State.STOPPED or self._proc is None:
+                return StopReport(self.id, reason, None, [])
+            t0 = time.monotonic()
+            self._stopping_by_us = True
+            self._set_state(State.STOPPING)
+            self._snapshot_tree()
+            if claim_orphans is not None:
+                claim_orphans(self)
+            root = self._proc.pid
+            pids = sorted(self._tracked)
+            forced, survivors = await self._terminate(reason)
+            report = StopReport(
+                self.id,
+                reason,
+                root,
+                pids,
+                forced=forced,
+                survivors=survivors,
+                seconds=time.monotonic() - t0,
+                exit_code=self.last_exit_code,
+            )
+            self._finish_stop()
+        log.info(
+            "backend.stop",
+            model=self.id,
+            reason=reason,
+            pid=root,
+            pids=pids,
+            forced=forced,
+            survivors=survivors,
+            seconds=round(report.seconds, 3),
+        )
+        return report
+
+    async def _teardown(self, reason: str) -> None:
+        """Stop after a failed or cancelled start; never raises."""
+        self._stopping_by_us = True
+        try:
+            if self._proc is not None:
+                self._snapshot_tree()
+                await asyncio.shield(self._terminate(reason, grace_override=0.0))
+        except Exception:  # pragma: no cover - cleanup must not mask the start error
+            log.exception("backend.teardown_failed", model=self.id)
+        self._finish_stop()
+
+    def _finish_stop(self) -> None:
+        self._proc_cleanup()
+        self._set_state(State.STOPPED)
+
+    def _proc_cleanup(self) -> None:
+        for pid in list(self._tracked):
+            osutil.reap_zombie(pid) if pid not in CHILDREN.managed else None
+        self._tracked.clear()
+        self.ready_at = None
+
+    async def _terminate(self, reason: str, grace_override: float | None = None) -> tuple[list[int], list[int]]:
+        """SIGTERM (or cmdStop), wait up to unloadTimeout, then SIGKILL what is left."""
+        proc = self._proc
+        assert proc is not None
+        grace = self.model.unload_timeout if grace_override is None else grace_override
+        targets = list(self._live_tracked().items())
+        if grace > 0 and not self._exited.is_set():
+            if self.model.cmd_stop:
+                await self._run_cmd_stop(proc.pid, grace)
+            else:
+                osutil.signal_group(proc.pid, signal.SIGTERM)
+                for pid, _ in targets:
+                    osutil.signal_pid(pid, signal.SIGTERM)
+        elif grace > 0:
+            # The root is gone already; its descendants still get a polite signal.
+            for pid, _ in targets:
+                osutil.signal_pid(pid, signal.SIGTERM)
+        return await self._kill_tree(targets, reason=reason, grace=grace)
+
+    async def _kill_tree(self, targets: list[tuple[int, float]], *, reason: str, grace: float) -> tuple[list[int], list[int]]:
+        proc = self._proc
+        assert proc is not None
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if self._exited.is_set() and not any(_alive(p, c) for p, c in targets):
+                return [], []
+            await asyncio.sleep(0.02)
+        remaining = [(p, c) for p, c in targets if _alive(p, c)]
+        forced = [p for p, _ in remaining]
+        if not self._exited.is_set() and proc.pid not in forced:
+            forced.insert(0, proc.pid)
+        if forced:
+            log.warning("backend.sigkill", model=self.id, pids=forced, reason=reason, after_seconds=grace)
+        osutil.signal_group(proc.pid, signal.SIGKILL)
+        for pid, _ in remaining:
+            osutil.signal_pid(pid, signal.SIGKILL)
+        # SIGKILL cannot be refused; wait for the kernel to finish the job.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            for pid, _ in remaining:
+                if pid not in CHILDREN.managed:
+                    osutil.reap_zombie(pid)
+            if self._exited.is_set() and not any(_alive(p, c) for p, c in remaining):
+                return forced, []
+            await asyncio.sleep(0.02)
+        survivors = [p for p, c in remaining if _alive(p, c)]
+        return forced, survivors
+
+    async def _run_cmd_stop(self, pid: int, timeout: float) -> None:
+        argv = [part.replace("${PID}", str(pid)) for part in self.model.cmd_stop]
+        log.info("backend.cmd_stop", model=self.id, cmd=" ".join(argv))
+        CHILDREN.spawning += 1
+        try:
+            stopper = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                env={**os.environ, **dict(self.model.env)},
+                start_new_session=True,
+            )
+        except OSError as exc:
+            log.error("backend.cmd_stop_failed", model=self.id, error=str(exc))
+            osutil.signal_group(pid, signal.SIGTERM)
+            return
+        finally:
+            CHILDREN.spawning -= 1
+        CHILDREN.managed.add(stopper.pid)
+        try:
+            await asyncio.wait_for(stopper.wait(), timeout)
+        except TimeoutError:
+            log.warning("backend.cmd_stop_timeout", model=self.id, seconds=timeout)
+            osutil.signal_group(stopper.pid, signal.SIGKILL)
+            await stopper.wait()
+        finally:
+            CHILDREN.managed.discard(stopper.pid)
+
+    async def close(self) -> None:
+        """Stop (if needed) and wait for the helper tasks; used at shutdown."""
+        await self.stop("shutdown")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

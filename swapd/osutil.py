@@ -1,0 +1,95 @@
+"""Thin wrappers over the Linux process controls swapd relies on.
+
+Everything here degrades to a no-op off Linux so the package still imports,
+but swapd's guarantees (backends die with swapd, orphans are reaped) are only
+made on Linux.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc = None
+_prctl = None
+if sys.platform.startswith("linux"):
+    try:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _prctl = _libc.prctl
+        _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        _prctl.restype = ctypes.c_int
+    except (OSError, AttributeError):  # pragma: no cover - exotic libc
+        _prctl = None
+
+
+def set_child_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants.
+
+    A backend's grandchildren that lose their parent are then re-parented to
+    swapd instead of init, so swapd can still see, kill and reap them.
+    """
+    if _prctl is None:
+        return False
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def make_pdeathsig_preexec(sig: int = signal.SIGKILL):
+    """Return a preexec_fn that makes the child die when swapd dies.
+
+    The function is built before fork so the child does no imports or lookups:
+    it only makes the prctl call and checks it did not lose a race with the
+    parent's death.
+    """
+    prctl = _prctl
+    parent = os.getpid()
+    getppid = os.getppid
+    kill = os.kill
+    mypid = os.getpid
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        # The parent may have died between fork and prctl; then no signal
+        # would ever come, so deliver it now.
+        if getppid() != parent:
+            kill(mypid(), sig)
+
+    return preexec
+
+
+def reap_zombie(pid: int) -> int | None:
+    """Reap ``pid`` if it is an exited child of ours; return its raw status."""
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return status if got == pid else None
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+
+
+def signal_pid(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    except OSError as exc:  # pragma: no cover
+        if exc.errno == errno.ESRCH:
+            return False
+        raise

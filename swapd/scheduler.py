@@ -1,0 +1,422 @@
+"""Which models run: admission, the FIFO queue, swaps, leases and TTLs.
+
+All decisions are made synchronously inside this class, on the event loop, so
+they never interleave; the slow effects (stopping and starting processes) run
+in tasks the scheduler owns and report back through ``_on_swap_done``.
+
+The rules follow llama-swap's FIFO scheduler:
+
+* A request for a ready model with nothing to evict is served at once.
+* A request for a model that is already being swapped in joins that swap.
+* A swap never evicts a model that has requests in flight; the request waits
+  in the queue until the busy model drains.
+* Swaps whose evict sets are disjoint run in parallel.
+* Queued requests are retried in order whenever something finishes, so
+  requests arriving A B A B are served A A B B.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from swapd.backend import CHILDREN, Backend, StartError, State, StopReport
+from swapd.config import Config
+from swapd.logging import get_logger
+
+log = get_logger("swapd.scheduler")
+
+
+class SchedulerError(Exception):
+    """A request the scheduler refuses; rendered as an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = headers or {}
+
+
+class Lease:
+    """Permission to send one request to a ready backend.
+
+    While any lease on a model is held, no swap may stop it and its TTL clock
+    does not run. ``release`` is idempotent.
+    """
+
+    __slots__ = ("backend", "_scheduler", "_released")
+
+    def __init__(self, scheduler: Scheduler, backend: Backend) -> None:
+        self.backend = backend
+        self._scheduler = scheduler
+        self._released = False
+
+    @property
+    def model_id(self) -> str:
+        return self.backend.id
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._scheduler._on_serve_done(self.backend.id)
+
+
+@dataclass(eq=False)
+class _Request:
+    model: str
+    future: asyncio.Future
+    priority: int = 0
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Swap:
+    target: str
+    evict: list[str]
+    waiters: list[_Request]
+    task: asyncio.Task | None = None
+
+
+class Scheduler:
+    def __init__(self, config: Config, backends: dict[str, Backend]) -> None:
+        self.config = config
+        self.backends = backends
+        self._active: dict[str, _Swap] = {}
+        self._queue: list[_Request] = []
+        self._reserved: dict[str, int] = {}
+        self._in_flight: dict[str, int] = {}
+        self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+        self.swap_count = 0
+        self.stop_history: list[StopReport] = []
+        self.on_stop: list[Callable[[StopReport], None]] = []
+
+    # -- public API ------------------------------------------------------
+    def in_flight(self, model_id: str) -> int:
+        return self._in_flight.get(model_id, 0)
+
+    def queued(self) -> list[str]:
+        return [r.model for r in self._queue]
+
+    async def acquire(self, model_id: str) -> Lease:
+        """Wait until ``model_id`` is ready and may take one more request."""
+        if self._closing:
+            raise SchedulerError(503, "swapd is shutting down", "shutting_down")
+        if model_id not in self.backends:
+            raise SchedulerError(404, f"model {model_id!r} is not configured", "model_not_found")
+        limit = self.backends[model_id].model.concurrency_limit or 10
+        if self._reserved.get(model_id, 0) >= limit:
+            raise SchedulerError(
+                429,
+                f"too many requests for model {model_id!r} (concurrencyLimit {limit})",
+                "concurrency_limit",
+                {"Retry-After": "1"},
+            )
+        self._reserved[model_id] = self._reserved.get(model_id, 0) + 1
+        req = _Request(model_id, asyncio.get_running_loop().create_future(), self._priority(model_id))
+        self._on_request(req)
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            self._on_cancel(req)
+            raise
+
+    async def unload(self, model_ids: Iterable[str] | None = None, reason: str = "unload") -> list[StopReport]:
+        """Stop models now (all when ``model_ids`` is None), as llama-swap's /unload does."""
+        targets = list(self.backends) if model_ids is None else list(model_ids)
+        err = SchedulerError(503, "model was unloaded while the request waited", "model_unloaded")
+        for target in targets:
+            swap = self._active.pop(target, None)
+            if swap is not None:
+                for waiter in swap.waiters:
+                    self._grant_error(waiter, err)
+        kept = []
+        for req in self._queue:
+            if req.model in targets:
+                self._grant_error(req, err)
+            else:
+                kept.append(req)
+        self._queue = kept
+        reports = await asyncio.gather(*(self._stop(t, reason) for t in targets))
+        self._drain()
+        return [r for r in reports if r.pids]
+
+    async def close(self) -> None:
+        """Refuse new work, fail waiters, cancel swaps and stop every backend."""
+        self._closing = True
+        err = SchedulerError(503, "swapd is shutting down", "shutting_down")
+        for swap in list(self._active.values()):
+            for waiter in swap.waiters:
+                self._grant_error(waiter, err)
+            if swap.task is not None:
+                swap.task.cancel()
+        self._active.clear()
+        for req in self._queue:
+            self._grant_error(req, err)
+        self._queue.clear()
+        for handle in self._ttl_timers.values():
+            handle.cancel()
+        self._ttl_timers.clear()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await asyncio.gather(*(self._stop(m, "shutdown") for m in self.backends))
+        await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
+
+    # -- decisions (synchronous) ----------------------------------------
+    def _priority(self, model_id: str) -> int:
+        return 0
+
+    def _running_set(self, exclude: str) -> list[str]:
+        running = {m for m, b in self.backends.items() if b.state is not State.STOPPED}
+        running.update(t for t in self._active if t != exclude)
+        running.discard(exclude)
+        return sorted(running)
+
+    def _eviction_for(self, target: str, running: list[str]) -> list[str]:
+        """Models that must stop before ``target`` may run (llama-swap's group rules)."""
+        cfg = self.config
+        tg = cfg.group_of(target)
+        out = []
+        for other in running:
+            if other == target:
+                continue
+            if other not in cfg.models:  # removed by a reload, still stopping
+                out.append(other)
+                continue
+            og = cfg.group_of(other)
+            if og.id == tg.id:
+                if tg.swap:
+                    out.append(other)
+            elif tg.exclusive and not og.persistent:
+                out.append(other)
+        return out
+
+    def _collides(self, target: str, evict: list[str]) -> bool:
+        for other, swap in self._active.items():
+            if other == target:
+                continue
+            if other in evict or target in swap.evict or set(evict) & set(swap.evict):
+                return True
+        return False
+
+    def _decide(self, req: _Request) -> bool:
+        """Try to make progress on ``req``; return False when it must stay queued."""
+        swap = self._active.get(req.model)
+        if swap is not None:
+            swap.waiters.append(req)
+            return True
+        backend = self.backends[req.model]
+        evict = self._eviction_for(req.model, self._running_set(req.model))
+        if backend.state is State.READY and not evict and not self._collides(req.model, evict):
+            self._grant(req)
+            return True
+        if self._collides(req.model, evict):
+            return False
+        if any(self._in_flight.get(m, 0) > 0 for m in evict):
+            return False
+        self._start_swap(req, evict)
+        return True
+
+    def _on_request(self, req: _Request) -> None:
+        if not self._decide(req):
+            self._enqueue(req)
+
+    def _enqueue(self, req: _Request) -> None:
+        index = len(self._queue)
+        for i, queued in enumerate(self._queue):
+            if queued.priority < req.priority:
+                index = i
+                break
+        self._queue.insert(index, req)
+        log.debug("scheduler.queued", model=req.model, position=index + 1)
+
+    def _drain(self) -> None:
+        if not self._queue or self._closing:
+            return
+        pending, self._queue = self._queue, []
+        for req in pending:
+            if req.future.done():
+                continue
+            if not self._decide(req):
+                self._queue.append(req)
+
+    def _on_cancel(self, req: _Request) -> None:
+        if req.future.done() and not req.future.cancelled() and req.future.exception() is None:
+            # Granted just before the client went away: hand the lease back.
+            req.future.result().release()
+            return
+        removed = False
+        if req in self._queue:
+            self._queue.remove(req)
+            removed = True
+        for swap in self._active.values():
+            if req in swap.waiters:
+                swap.waiters.remove(req)
+                removed = True
+        if removed:
+            self._release(req.model)
+            log.debug("scheduler.cancelled", model=req.model)
+
+    def _grant(self, req: _Request) -> None:
+        if req.future.done():  # the caller is gone; its reservation went with _on_cancel
+            return
+        self._in_flight[req.model] = self._in_flight.get(req.model, 0) + 1
+        timer = self._ttl_timers.pop(req.model, None)
+        if timer is not None:
+            timer.cancel()
+        req.future.set_result(Lease(self, self.backends[req.model]))
+
+    def _grant_error(self, req: _Request, err: Exception) -> None:
+        if not req.future.done():
+            self._release(req.model)
+            req.future.set_exception(err)
+
+    def _release(self, model_id: str) -> None:
+        n = self._reserved.get(model_id, 0) - 1
+        if n > 0:
+            self._reserved[model_id] = n
+        else:
+            self._reserved.pop(model_id, None)
+
+    def _on_serve_done(self, model_id: str) -> None:
+        self._release(model_id)
+        n = self._in_flight.get(model_id, 0) - 1
+        if n > 0:
+            self._in_flight[model_id] = n
+            return
+        self._in_flight.pop(model_id, None)
+        self._arm_ttl(model_id)
+        self._drain()
+
+    # -- TTL ---------------------------------------------------------------
+    def _arm_ttl(self, model_id: str) -> None:
+        backend = self.backends.get(model_id)
+        if backend is None or backend.state is not State.READY or self._closing:
+            return
+        ttl = backend.model.ttl
+        if ttl <= 0:
+            return
+        old = self._ttl_timers.pop(model_id, None)
+        if old is not None:
+            old.cancel()
+        self._ttl_timers[model_id] = asyncio.get_running_loop().call_later(ttl, self._ttl_expired, model_id)
+
+    def _ttl_expired(self, model_id: str) -> None:
+        self._ttl_timers.pop(model_id, None)
+        backend = self.backends.get(model_id)
+        if (
+            backend is None
+            or backend.state is not State.READY
+            or self._in_flight.get(model_id, 0) > 0
+            or model_id in self._active
+            or any(r.model == model_id for r in self._queue)
+        ):
+            return
+        log.info("scheduler.ttl_expired", model=model_id, ttl=backend.model.ttl)
+        self._spawn(self._stop_then_drain(model_id, "ttl"))
+
+    # -- effects (tasks) ---------------------------------------------------
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_swap(self, req: _Request, evict: list[str]) -> None:
+        swap = _Swap(req.model, evict, [req])
+        self._active[req.model] = swap
+        if evict:
+            log.info("scheduler.swap", target=req.model, evict=evict)
+        swap.task = self._spawn(self._run_swap(swap))
+
+    async def _run_swap(self, swap: _Swap) -> None:
+        t0 = time.monotonic()
+        err: Exception | None = None
+        try:
+            if swap.evict:
+                await asyncio.gather(*(self._stop(m, "swap") for m in swap.evict))
+            backend = self.backends[swap.target]
+            if backend.state is not State.READY:
+                await self._stop(swap.target, "restart")  # waits out a stop already in progress
+                await backend.start()
+                if swap.evict:
+                    self.swap_count += 1
+        except StartError as exc:
+            err = exc
+        except asyncio.CancelledError:
+            err = SchedulerError(503, "swapd is shutting down", "shutting_down")
+            raise
+        except Exception as exc:  # pragma: no cover - a bug, but waiters must not hang on it
+            log.exception("scheduler.swap_failed", target=swap.target)
+            err = exc
+        finally:
+            self._on_swap_done(swap, err, time.monotonic() - t0)
+
+    def _on_swap_done(self, swap: _Swap, err: Exception | None, seconds: float) -> None:
+        if self._active.get(swap.target) is swap:
+            del self._active[swap.target]
+        if err is not None:
+            for waiter in swap.waiters:
+                self._grant_error(waiter, err)
+        else:
+            for waiter in swap.waiters:
+                self._grant(waiter)
+            if self._in_flight.get(swap.target, 0) == 0:
+                self._arm_ttl(swap.target)  # every waiter left; the clock runs from now
+        self._drain()
+
+    async def _stop(self, model_id: str, reason: str) -> StopReport:
+        timer = self._ttl_timers.pop(model_id, None)
+        if timer is not None:
+            timer.cancel()
+        backend = self.backends[model_id]
+        report = await backend.stop(reason, claim_orphans=self._claim_orphans)
+        if report.pids:
+            self.stop_history.append(report)
+            del self.stop_history[:-100]
+            for callback in self.on_stop:
+                callback(report)
+        return report
+
+    async def _stop_then_drain(self, model_id: str, reason: str) -> None:
+        await self._stop(model_id, reason)
+        self._drain()
+
+    def on_backend_exit(self, backend: Backend, code: int | None) -> None:
+        """A ready backend crashed; queued work may now proceed or restart it."""
+        timer = self._ttl_timers.pop(backend.id, None)
+        if timer is not None:
+            timer.cancel()
+        self._drain()
+
+    def _claim_orphans(self, stopping: Backend) -> None:
+        """Give ``stopping`` the orphans re-parented to swapd that only it could own.
+
+        An orphan belongs to a backend if it was created while that backend
+        ran; when another live backend could also have created it, it is left
+        alone rather than killed on a guess.
+        """
+        import psutil
+
+        roots = set(CHILDREN.managed)
+        others = [b for b in self.backends.values() if b is not stopping and b.state is not State.STOPPED]
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:  # pragma: no cover
+            return
+        for child in children:
+            if child.pid in roots:
+                continue
+            try:
+                ctime = child.create_time()
+            except psutil.Error:
+                continue
+            if stopping.started_at is None or ctime < stopping.started_at - 1:
+                continue
+            if any(b.started_at is not None and ctime >= b.started_at - 1 for b in others):
+                continue
+            stopping.claim(child.pid, ctime)

@@ -1,0 +1,1 @@
+"""HTTP side of swapd: the aiohttp app, relay and error rendering."""

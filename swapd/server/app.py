@@ -1,0 +1,373 @@
+"""The aiohttp application: routes, middleware and the model-routed handlers."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from urllib.parse import quote, unquote
+
+import aiohttp
+from aiohttp import web
+
+from swapd import __version__
+from swapd.backend import Backend, StartError, State
+from swapd.config import Config, ModelConfig
+from swapd.logging import get_logger
+from swapd.logring import LogRing
+from swapd.scheduler import Scheduler, SchedulerError
+from swapd.server.errors import error_response
+from swapd.server.relay import UpstreamError, relay
+
+log = get_logger("swapd.server")
+
+# Request bodies carry base64 images and audio; 100 MB must pass, so the cap
+# is generous and only there to stop a runaway client.
+MAX_BODY_BYTES = 512 * 1024 * 1024
+
+# POST endpoints whose JSON body names the model (llama-swap's list).
+JSON_MODEL_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/completions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/embeddings",
+    "/reranking",
+    "/rerank",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/infill",
+    "/completion",
+    "/v1/audio/speech",
+    "/v1/images/generations",
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
+)
+# GET endpoints that name the model in the query string.
+QUERY_MODEL_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras", "/props")
+
+
+class Runtime:
+    """Everything the handlers share, in one place a reload can swap safely.
+
+    The aiohttp app's own mapping is frozen once it starts, so state that a
+    config reload replaces lives here instead.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.logs = LogRing()
+        self.session: aiohttp.ClientSession | None = None
+        self.backends: dict[str, Backend] = {}
+        self.scheduler: Scheduler | None = None
+
+    def new_backend(self, mc: ModelConfig) -> Backend:
+        return Backend(mc, logs=self.logs, session=self.session, on_exit=self.scheduler.on_backend_exit)
+
+    async def reload(self, new: Config) -> dict[str, list[str]]:
+        """Apply a new config; only changed or removed models are stopped.
+
+        Models whose effective config is identical keep running and keep their
+        in-flight requests.
+        """
+        old = self.config
+        removed = [m for m in old.models if m not in new.models]
+        changed = [m for m in old.models if m in new.models and old.models[m].fingerprint != new.models[m].fingerprint]
+        added = [m for m in new.models if m not in old.models]
+        for model_id in changed:
+            # Takes effect at the next start, so the running process is still
+            # stopped the way its own config says.
+            self.backends[model_id].next_model = new.models[model_id]
+        for model_id in new.models:
+            if model_id in added:
+                self.backends[model_id] = self.new_backend(new.models[model_id])
+            elif model_id not in changed:
+                self.backends[model_id].model = new.models[model_id]
+        self.config = new
+        self.scheduler.config = new
+        if removed or changed:
+            await self.scheduler.unload(removed + changed, reason="reload")
+        for model_id in removed:
+            await self.backends.pop(model_id).close()
+        return {"added": added, "changed": changed, "removed": removed}
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    """Every failure a client can see becomes an OpenAI-shaped error, never a traceback."""
+    try:
+        return await handler(request)
+    except ClientError as exc:
+        return error_response(request, exc.status, exc.message, exc.code)
+    except SchedulerError as exc:
+        return error_response(request, exc.status, exc.message, exc.code, exc.headers)
+    except StartError as exc:
+        return error_response(request, 502, exc.detail(), "backend_start_failed")
+    except UpstreamError as exc:
+        return error_response(request, exc.status, str(exc), "backend_unreachable")
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(request, 413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(request, exc.status, exc.reason or "error", headers=_allow_header(exc))
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise
+    except Exception:
+        log.exception("request.unhandled", path=request.path, method=request.method)
+        return error_response(request, 500, "internal error in swapd; see its log", "internal_error")
+
+
+def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else None
+
+
+# -- model-routed handlers ---------------------------------------------------
+
+
+def _resolve(config: Config, name) -> ModelConfig:
+    if not isinstance(name, str) or not name:
+        raise ClientError(404, "no model id could be identified in the request", "model_not_found")
+    model = config.resolve(name)
+    if model is None:
+        shown = name if len(name) <= 200 else name[:200] + "..."
+        raise ClientError(404, f"model {shown!r} not found", "model_not_found")
+    return model
+
+
+async def _forward(request: web.Request, model: ModelConfig, path_qs: str, body) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    t0 = time.monotonic()
+    lease = await rt.scheduler.acquire(model.id)
+    t_ready = time.monotonic()
+    outcome = "client_disconnected"
+    try:
+        response = await relay(request, rt.session, lease.backend.model.proxy.rstrip("/") + path_qs, body, model.id)
+        outcome = response.get("swapd.error", "ok")
+        return response
+    except UpstreamError as exc:
+        outcome = str(exc)
+        raise
+    finally:
+        lease.release()
+        log.info(
+            "request",
+            model=model.id,
+            method=request.method,
+            path=request.path,
+            status=request.get("swapd.status", 502 if outcome != "client_disconnected" else 499),
+            outcome=outcome,
+            wait_s=round(t_ready - t0, 4),
+            total_s=round(time.monotonic() - t0, 4),
+        )
+
+
+async def handle_json_model(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ClientError(400, "request body is not valid JSON", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise ClientError(400, "request body must be a JSON object", "invalid_body")
+    model = _resolve(request.app[RUNTIME].config, data.get("model"))
+    if model.use_model_name:
+        data["model"] = model.use_model_name
+        body = json.dumps(data).encode()
+    return await _forward(request, model, request.path_qs, body)
+
+
+async def handle_query_model(request: web.Request) -> web.StreamResponse:
+    model = _resolve(request.app[RUNTIME].config, request.query.get("model"))
+    return await _forward(request, model, request.path_qs, None)
+
+
+async def handle_upstream(request: web.Request) -> web.StreamResponse:
+    """/upstream/<model>/<path>: talk to a backend's own endpoints, starting it if needed."""
+    config = request.app[RUNTIME].config
+    raw_tail = request.raw_path.split("?", 1)[0][len("/upstream/"):]
+    segments = raw_tail.split("/")
+    found = None
+    for i in range(1, len(segments) + 1):
+        name = unquote("/".join(segments[:i]))
+        model = config.resolve(name)
+        if model is not None:
+            found = (name, model, "/" + "/".join(segments[i:]))  # keep the rest percent-encoded
+    if found is None:
+        raise ClientError(404, "model not found", "model_not_found")
+    name, model, rest = found
+    if rest == "/" and not request.raw_path.split("?", 1)[0].endswith("/"):
+        target = "/upstream/" + quote(name, safe="/") + "/"
+        if request.query_string:
+            target += "?" + request.query_string
+        cls = web.HTTPMovedPermanently if request.method in ("GET", "HEAD") else web.HTTPPermanentRedirect
+        raise cls(location=target)
+    if any(part in ("..", ".") for part in unquote(rest).split("/")):
+        raise ClientError(400, "path traversal is not allowed in /upstream paths", "invalid_path")
+    path_qs = rest + ("?" + request.query_string if request.query_string else "")
+    body = request.content if request.can_read_body else None
+    return await _forward(request, model, path_qs, body)
+
+
+# -- management ------------------------------------------------------------
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return web.Response(text="OK")
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    config = request.app[RUNTIME].config
+    backends = request.app[RUNTIME].backends
+    created = int(time.time())
+    include_aliases = bool(config.raw.get("includeAliasesInList", False))
+    data = []
+    for model_id in config.models:
+        mc = config.models[model_id]
+        if mc.unlisted:
+            continue
+        state = backends[model_id].state
+        status = "loaded" if state in (State.READY, State.STARTING) else "unloaded"
+        meta = {**(mc.metadata or {}), "type": "model"}
+        if mc.aliases:
+            meta["aliases"] = list(mc.aliases)
+        record = {
+            "id": model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "swapd",
+            "status": {"value": status},
+            "meta": {"llamaswap": meta},
+        }
+        if mc.name:
+            record["name"] = mc.name.strip()
+        if mc.description:
+            record["description"] = mc.description.strip()
+        data.append(record)
+        if include_aliases:
+            for alias in mc.aliases:
+                data.append({**record, "id": alias, "meta": {"llamaswap": {"type": "alias", "modelID": model_id}}})
+    data.sort(key=lambda r: r["id"])
+    headers = {}
+    origin = request.headers.get("Origin")
+    if origin:
+        headers["Access-Control-Allow-Origin"] = origin
+    return web.json_response({"object": "list", "data": data}, headers=headers)
+
+
+async def handle_running(request: web.Request) -> web.Response:
+    backends = request.app[RUNTIME].backends
+    scheduler = request.app[RUNTIME].scheduler
+    running = []
+    for model_id in sorted(backends):
+        backend = backends[model_id]
+        if backend.state is State.STOPPED:
+            continue
+        mc = backend.model
+        running.append(
+            {
+                "model": model_id,
+                "state": backend.state.value,
+                "cmd": shlex.join(mc.cmd),
+                "proxy": mc.proxy,
+                "ttl": mc.ttl,
+                "name": mc.name,
+                "description": mc.description,
+                "pid": backend.pid,
+                "pids": backend.tracked_pids(),
+                "in_flight": scheduler.in_flight(model_id),
+            }
+        )
+    return web.json_response({"running": running})
+
+
+async def handle_unload(request: web.Request) -> web.Response:
+    await request.app[RUNTIME].scheduler.unload()
+    return web.Response(text="OK")
+
+
+async def handle_api_unload_model(request: web.Request) -> web.Response:
+    config = request.app[RUNTIME].config
+    name = request.match_info["model"]
+    model = config.resolve(name)
+    if model is None:
+        raise ClientError(404, "model not found", "model_not_found")
+    await request.app[RUNTIME].scheduler.unload([model.id])
+    return web.json_response({"msg": "ok"})
+
+
+async def handle_api_unload_all(request: web.Request) -> web.Response:
+    await request.app[RUNTIME].scheduler.unload()
+    return web.json_response({"msg": "ok"})
+
+
+async def handle_logs(request: web.Request) -> web.Response:
+    lines = request.app[RUNTIME].logs.lines()
+    text = "".join(f"[{line.source}] {line.text}\n" for line in lines)
+    return web.Response(text=text)
+
+
+async def handle_version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__, "name": "swapd"})
+
+
+async def handle_not_found(request: web.Request) -> web.Response:
+    raise ClientError(404, f"no route for {request.method} {request.path}", "not_found")
+
+
+# -- app factory -------------------------------------------------------------
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+    rt = app[RUNTIME] = Runtime(config)
+
+    async def lifecycle(app: web.Application):
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        rt.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
+        rt.scheduler = Scheduler(config, rt.backends)
+        for mc in config.models.values():
+            rt.backends[mc.id] = rt.new_backend(mc)
+        yield
+        await rt.scheduler.close()
+        await rt.session.close()
+
+    app.cleanup_ctx.append(lifecycle)
+
+    r = app.router
+    for path in JSON_MODEL_ROUTES:
+        r.add_post(path, handle_json_model)
+        if path.startswith("/v1/"):
+            r.add_post("/v" + path[3:], handle_json_model)  # llama-swap's versionless /v/... aliases
+    for path in QUERY_MODEL_ROUTES:
+        r.add_get(path, handle_query_model)
+    r.add_route("*", "/upstream/{tail:.+}", handle_upstream)
+    r.add_get("/health", handle_health)
+    r.add_get("/v1/models", handle_models)
+    r.add_get("/models", handle_models)
+    r.add_get("/running", handle_running)
+    r.add_get("/unload", handle_unload)
+    r.add_post("/api/models/unload", handle_api_unload_all)
+    r.add_post("/api/models/unload/{model:.+}", handle_api_unload_model)
+    r.add_get("/logs", handle_logs)
+    r.add_get("/api/version", handle_version)
+    r.add_route("*", "/{tail:.*}", handle_not_found)
+    return app

@@ -1,0 +1,227 @@
+"""Shared test plumbing: run swapd as a real process against real fake backends."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fake_cmd(*opts: str, port: str = "${PORT}") -> str:
+    """A model ``cmd`` that runs the fake backend with ``opts``."""
+    return " ".join([PY, "-m", "swapd.fake_backend", "--port", port, "--quiet", *opts])
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    """Every live process whose environment carries ``SWAPD_TEST_TAG=tag``.
+
+    Backends inherit it from their model's ``env``, and so does everything they
+    fork, which makes this the leak detector: after a test, none may remain.
+    """
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid == os.getpid():
+                continue
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get("SWAPD_TEST_TAG") == tag:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+@dataclass
+class Swapd:
+    """A running swapd process and what a test needs to talk to it."""
+
+    proc: subprocess.Popen
+    port: int
+    config_path: Path
+    tag: str
+    log_path: Path
+    _log_file: object = field(repr=False, default=None)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_events(self) -> list[dict]:
+        events = []
+        for line in self.log_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 60.0) -> Response:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            hdrs = dict(headers or {})
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+                hdrs.setdefault("Content-Type", "application/json")
+            conn.request(method, path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str, **kw) -> Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body, **kw) -> Response:
+        return self.request("POST", path, body=body, **kw)
+
+    def chat(self, model: str, **extra) -> Response:
+        return self.post("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra})
+
+    def stream(self, model: str, path: str = "/v1/chat/completions", timeout: float = 60.0, **extra):
+        """Stream a chat completion; return (status, headers, [(arrival_time, data_line)])."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            body = json.dumps({"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}], **extra})
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            headers = {k.lower(): v for k, v in resp.getheaders()}
+            events = []
+            while True:
+                line = resp.readline()
+                if not line:
+                    break
+                line = line.strip()
+                if line.startswith(b"data: "):
+                    events.append((time.monotonic(), line[6:].decode()))
+            return resp.status, headers, events
+        finally:
+            conn.close()
+
+    def running(self) -> dict[str, dict]:
+        return {entry["model"]: entry for entry in self.get("/running").json()["running"]}
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("swapd did not exit within {timeout}s of SIGTERM")
+        finally:
+            if self._log_file is not None:
+                self._log_file.close()
+
+
+def model(*opts: str, **keys) -> dict:
+    """A model entry that runs the fake backend."""
+    entry = {"cmd": fake_cmd(*opts)}
+    entry.update(keys)
+    return entry
+
+
+def write_config(path: Path, models: dict, tag: str, **top) -> Path:
+    doc = {"healthCheckTimeout": 15, "startPort": free_port_range(), **top, "models": {}}
+    for model_id, entry in models.items():
+        entry = dict(entry)
+        env = list(entry.get("env", []))
+        env.append(f"SWAPD_TEST_TAG={tag}")
+        entry["env"] = env
+        doc["models"][model_id] = entry
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def free_port_range(n: int = 20) -> int:
+    """A start port whose next ``n`` ports are free right now (best effort)."""
+    for _ in range(200):
+        base = free_port()
+        if base + n >= 65535:
+            continue
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range")
+
+
+def start_swapd(tmp_path: Path, models: dict, *, extra_args=(), tag: str | None = None, **top) -> Swapd:
+    tag = tag or uuid.uuid4().hex
+    config_path = write_config(tmp_path / "config.yaml", models, tag, **top)
+    port = free_port()
+    log_path = tmp_path / "swapd.log"
+    log_file = open(log_path, "wb")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [PY, "-m", "swapd", "--config", str(config_path), "--listen", f"127.0.0.1:{port}", "--log-format", "json", *extra_args],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+    )
+    swapd = Swapd(proc, port, config_path, tag, log_path, log_file)
+
+    def healthy():
+        if proc.poll() is not None:
+            raise AssertionError(f"swapd exited with {proc.returncode}:\n{swapd.log_text()}")
+        try:
+            return swapd.get("/health", timeout=1).status == 200
+        except OSError:
+            return False
+
+    wait_until(healthy, timeout=20, message="swapd /health")
+    return swapd
