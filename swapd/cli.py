@@ -59,8 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Subcommands beside the llama-swap compatible server flags. Each module has
+# ``main(argv) -> int``.
+SUBCOMMANDS = {
+    "doctor": "swapd.doctor",  # check the GPU set-up through NVML
+    "setup": "swapd.setup",  # build llama-server and fetch the small real model
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    args = build_parser().parse_args(_normalise_argv(argv))
     if args.version:
         print(f"swapd {__version__}")
         return 0

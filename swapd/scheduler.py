@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from swapd.backend import CHILDREN, Backend, StartError, State, StopReport
@@ -94,6 +94,11 @@ class Scheduler:
         self.swap_count = 0
         self.stop_history: list[StopReport] = []
         self.on_stop: list[Callable[[StopReport], None]] = []
+        # Hooks for GPU verification (swapd.gpu): ``stop_guard(backend, reason,
+        # do_stop)`` wraps every stop and returns its report; ``start_gate(backend)``
+        # runs before every start and may raise SchedulerError to refuse it.
+        self.stop_guard: Callable[[Backend, str, Callable[[], Awaitable[StopReport]]], Awaitable[StopReport]] | None = None
+        self.start_gate: Callable[[Backend], Awaitable[None]] | None = None
 
     # -- public API ------------------------------------------------------
     def in_flight(self, model_id: str) -> int:
@@ -342,10 +347,12 @@ class Scheduler:
             backend = self.backends[swap.target]
             if backend.state is not State.READY:
                 await self._stop(swap.target, "restart")  # waits out a stop already in progress
+                if self.start_gate is not None:
+                    await self.start_gate(backend)
                 await backend.start()
                 if swap.evict:
                     self.swap_count += 1
-        except StartError as exc:
+        except (StartError, SchedulerError) as exc:
             err = exc
         except asyncio.CancelledError:
             err = SchedulerError(503, "swapd is shutting down", "shutting_down")
@@ -374,7 +381,14 @@ class Scheduler:
         if timer is not None:
             timer.cancel()
         backend = self.backends[model_id]
-        report = await backend.stop(reason, claim_orphans=self._claim_orphans)
+
+        def do_stop() -> Awaitable[StopReport]:
+            return backend.stop(reason, claim_orphans=self._claim_orphans)
+
+        if self.stop_guard is not None and backend.state is not State.STOPPED:
+            report = await self.stop_guard(backend, reason, do_stop)
+        else:
+            report = await do_stop()
         if report.pids:
             self.stop_history.append(report)
             del self.stop_history[:-100]
