@@ -1503,6 +1503,15 @@ def test_fixture_loads_and_lists_its_models(tmp_path):
     assert cfg.raw["peers"]["openrouter"]["apiKey"] == "sk-or-secret"
     assert not [w for w in cfg.warnings if "unknown key" in w]
     assert sorted(w.split("'")[1] for w in cfg.warnings) == sorted(
-        ["metricsMaxInMemory", "captureBuffer", "ui", "performance", "profiles", "selectors"]
+        ["metricsMaxInMemory", "captureBuffer", "ui", "performance", "profiles", "selectors",
+         "hooks.on_startup.preload"]  # it preloads 'llama', which the example never defines
     )
+    assert cfg.preload == ()
+    assert cfg.peers["openrouter"].api_key == "sk-or-secret"
+    assert cfg.peers["openrouter"].filters.strip_params == ("temperature", "top_p")
+    assert cfg.resolve_peer("openrouter/z-ai/glm-4.7") == (cfg.peers["openrouter"], "z-ai/glm-4.7")
+    gpt = cfg.models["gpt-oss-120b"]
+    assert gpt.filters.set_params == {"temperature": 0.7, "top_p": 0.9}
+    assert gpt.filters.set_params_by_id["gpt-oss-120b:high"] == {"chat_template_kwargs": {"reasoning_effort": "high"}}
+    assert (gpt.timeouts.connect, gpt.timeouts.response_header) == (30.0, 60.0)
 

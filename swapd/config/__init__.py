@@ -20,7 +20,7 @@ from ._load import (
     load_config,
     load_config_text,
 )
-from ._model import DEFAULT_GROUP_ID, PID_PLACEHOLDER, Config, GroupConfig, ModelConfig
+from ._model import DEFAULT_GROUP_ID, PID_PLACEHOLDER, Config, Filters, GroupConfig, ModelConfig, PeerConfig, Timeouts
 
 __all__ = [
     "Config",
@@ -30,7 +30,10 @@ __all__ = [
     "DEFAULT_HEALTH_CHECK_TIMEOUT",
     "DEFAULT_START_PORT",
     "DEFAULT_UNLOAD_TIMEOUT",
+    "Filters",
     "GroupConfig",
+    "PeerConfig",
+    "Timeouts",
     "MIN_HEALTH_CHECK_TIMEOUT",
     "ModelConfig",
     "PID_PLACEHOLDER",

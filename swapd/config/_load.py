@@ -30,7 +30,10 @@ from ._macros import (
     walk_strings,
     walk_values,
 )
-from ._model import DEFAULT_GROUP_ID, Config, GroupConfig, ModelConfig
+from ._model import DEFAULT_GROUP_ID, Config, Filters, GroupConfig, ModelConfig, PeerConfig, Timeouts
+
+# Never stripped or set by filters: routing depends on them (llama-swap's list).
+PROTECTED_PARAMS = frozenset({"model"})
 from ._yaml import RecursiveAliasError, describe_yaml_error, materialize, parse_yaml
 
 # ------------------------------------------------------------------ defaults
@@ -489,6 +492,52 @@ def _fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _build_filters(ctx: _Context, reader: _Reader, owner: str | None, prefix: str = "") -> Filters:
+    """Read ``filters`` (and the legacy ``strip_params`` spelling) into a Filters."""
+    filters = reader.mapping_of("filters")
+    freader = _Reader(ctx, filters, owner, prefix + "filters.")
+    strip_text = freader.str("stripParams", "") or freader.str("strip_params", "")
+    strip: list[str] = []
+    for name in str(strip_text).split(","):
+        name = name.strip()
+        if name and name not in PROTECTED_PARAMS and name not in strip:
+            strip.append(name)
+    set_params = {k: v for k, v in freader.mapping_of("setParams").items() if k not in PROTECTED_PARAMS}
+    by_id: dict[str, dict[str, Any]] = {}
+    for requested, params in freader.mapping_of("setParamsByID").items():
+        if not isinstance(params, dict):
+            ctx.fail(f"expected a mapping of parameters, got {_describe(params)}", owner, f"{prefix}filters.setParamsByID.{requested}")
+        by_id[str(requested)] = {k: v for k, v in params.items() if k not in PROTECTED_PARAMS}
+    return Filters(tuple(sorted(strip)), copy.deepcopy(set_params), copy.deepcopy(by_id))
+
+
+def _build_timeouts(ctx: _Context, reader: _Reader, model_id: str) -> Timeouts:
+    treader = _Reader(ctx, reader.mapping_of("timeouts"), model_id, "timeouts.")
+
+    def seconds(name: str) -> float | None:
+        value = treader.int(name, 0, seconds=True)
+        if value < 0:
+            treader.fail(name, f"must be >= 0, got {value}")
+        return float(value) if value > 0 else None
+
+    return Timeouts(connect=seconds("connect"), response_header=seconds("responseHeader"), idle_conn=seconds("idleConn"))
+
+
+def _build_peers(ctx: _Context, reader: _Reader) -> dict[str, PeerConfig]:
+    peers: dict[str, PeerConfig] = {}
+    for peer_id, peer in reader.mapping_of("peers").items():
+        key = f"peers.{peer_id}"
+        preader = _Reader(ctx, peer, prefix=key + ".")
+        peers[peer_id] = PeerConfig(
+            id=peer_id,
+            proxy=preader.str("proxy", "").rstrip("/"),
+            api_key=preader.str("apiKey", ""),
+            models=tuple(preader.str_list("models")),
+            filters=_build_filters(ctx, preader, None, key + "."),
+        )
+    return peers
+
+
 def _check_capabilities(ctx: _Context, model_id: str, reader: _Reader) -> None:
     caps = reader.mapping_of("capabilities")
     caps_reader = _Reader(ctx, caps, model_id, "capabilities.")
@@ -516,6 +565,7 @@ def _build_model(
     health_check_timeout: int,
     global_ttl: int,
     global_unload_timeout: int,
+    global_send_loading_state: bool = False,
 ) -> ModelConfig:
     for key in model:
         if key not in KNOWN_MODEL_KEYS:
@@ -594,7 +644,13 @@ def _build_model(
         "metadata": copy.deepcopy(metadata),
     }
     fingerprint = _fingerprint({**fields, "raw": model})
-    return ModelConfig(**fields, fingerprint=fingerprint)
+    return ModelConfig(
+        **fields,
+        fingerprint=fingerprint,
+        filters=_build_filters(ctx, reader, model_id),
+        send_loading_state=global_send_loading_state if sls is None else sls,
+        timeouts=_build_timeouts(ctx, reader, model_id),
+    )
 
 
 def _collect_aliases(
@@ -823,8 +879,8 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         unload_timeout = DEFAULT_UNLOAD_TIMEOUT
     start_port = top.int("startPort", DEFAULT_START_PORT)
 
-    top.bool("sendLoadingState", False)
-    top.bool("includeAliasesInList", False)
+    send_loading_state = top.bool("sendLoadingState", False)
+    include_aliases = top.bool("includeAliasesInList", False)
     top.mapping_of("hooks")
     top.mapping_of("upstream")
     _check_api_keys(ctx, top)
@@ -844,10 +900,25 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
             health_check_timeout=health_check_timeout,
             global_ttl=global_ttl,
             global_unload_timeout=unload_timeout,
+            global_send_loading_state=send_loading_state,
         )
 
     groups = _build_groups(ctx, expanded, list(raw_models), aliases)
     _check_scheduler(ctx, expanded, raw_models, aliases)
+    peers = _build_peers(ctx, top)
+    priority = _fifo_priority(expanded, aliases, models)
+    hooks = _Reader(ctx, top.mapping_of("hooks"), prefix="hooks.")
+    on_startup = _Reader(ctx, hooks.mapping_of("on_startup"), prefix="hooks.on_startup.")
+    preload: list[str] = []
+    for name in on_startup.str_list("preload"):
+        name = name.strip()
+        real = name if name in models else aliases.get(name)
+        if real is None:
+            if name:
+                ctx.warn(f"key 'hooks.on_startup.preload': unknown model '{name}'; ignored")
+            continue
+        if real not in preload:
+            preload.append(real)
 
     return Config(
         path=path,
@@ -861,4 +932,22 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         aliases=MappingProxyType(dict(aliases)),
         raw=MappingProxyType(expanded),
         warnings=tuple(ctx.warnings),
+        api_keys=tuple(top.str_list("apiKeys")),
+        peers=MappingProxyType(peers),
+        preload=tuple(preload),
+        priority=MappingProxyType(priority),
+        include_aliases_in_list=include_aliases,
     )
+
+
+def _fifo_priority(expanded: Mapping[str, Any], aliases: Mapping[str, str], models: Mapping[str, Any]) -> dict[str, int]:
+    """routing.scheduler.settings.fifo.priority keyed by real model id (validated earlier)."""
+    node: Any = expanded
+    for key in ("routing", "scheduler", "settings", "fifo", "priority"):
+        node = node.get(key) if isinstance(node, dict) else None
+    out: dict[str, int] = {}
+    for name, value in (node or {}).items():
+        real = name if name in models else aliases.get(name)
+        if real is not None and isinstance(value, int):
+            out[real] = value
+    return out

@@ -10,6 +10,43 @@ PID_PLACEHOLDER = "${PID}"
 
 
 @dataclass(frozen=True)
+class Filters:
+    """Request-body rewrites applied before a JSON request is forwarded.
+
+    Order (as in llama-swap): strip_params, then set_params, then the
+    set_params_by_id entry for the name the client asked for. ``model`` is
+    protected and never stripped or set.
+    """
+
+    strip_params: tuple[str, ...] = ()
+    set_params: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    set_params_by_id: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.strip_params or self.set_params or self.set_params_by_id)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Upstream HTTP timeouts in seconds (llama-swap's ``timeouts``); None = no limit."""
+
+    connect: float | None = None
+    response_header: float | None = None
+    idle_conn: float | None = None
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A remote OpenAI-compatible server whose models are addressed as ``peer/model``."""
+
+    id: str
+    proxy: str
+    api_key: str
+    models: tuple[str, ...]
+    filters: Filters = field(default_factory=Filters)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     id: str
     cmd: tuple[str, ...]
@@ -29,6 +66,9 @@ class ModelConfig:
     concurrency_limit: int
     metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
     fingerprint: str = ""
+    filters: Filters = field(default_factory=Filters)
+    send_loading_state: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
     def stop_command(self, pid: int) -> tuple[str, ...]:
         """cmd_stop with every ``${PID}`` occurrence replaced by ``pid``."""
@@ -58,6 +98,11 @@ class Config:
     aliases: Mapping[str, str]
     raw: Mapping[str, Any]
     warnings: tuple[str, ...]
+    api_keys: tuple[str, ...] = ()
+    peers: Mapping[str, PeerConfig] = field(default_factory=dict)
+    preload: tuple[str, ...] = ()
+    priority: Mapping[str, int] = field(default_factory=dict)
+    include_aliases_in_list: bool = False
 
     def resolve(self, name: str) -> ModelConfig | None:
         """Find a model by id, or failing that by alias."""
@@ -68,6 +113,16 @@ class Config:
         if real is None:
             return None
         return self.models.get(real)
+
+    def resolve_peer(self, name: str) -> tuple[PeerConfig, str] | None:
+        """Find a peer model: ``peer/model``, or an unqualified name exactly one peer offers."""
+        peer_id, sep, model = name.partition("/")
+        if sep and peer_id in self.peers and model in self.peers[peer_id].models:
+            return self.peers[peer_id], model
+        owners = [p for p in self.peers.values() if name in p.models]
+        if len(owners) == 1:
+            return owners[0], name
+        return None
 
     def group_of(self, model_id: str) -> GroupConfig:
         """The group a model belongs to (every model is in exactly one)."""
