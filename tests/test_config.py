@@ -1515,3 +1515,48 @@ def test_fixture_loads_and_lists_its_models(tmp_path):
     assert gpt.filters.set_params_by_id["gpt-oss-120b:high"] == {"chat_template_kwargs": {"reasoning_effort": "high"}}
     assert (gpt.timeouts.connect, gpt.timeouts.response_header) == (30.0, 60.0)
 
+
+
+# ------------------------------------------------------- vramCheck (swapd.gpu)
+
+
+def test_vram_check_defaults_to_warn_with_ten_seconds():
+    cfg = load("models: {m: {cmd: 'srv --port ${PORT}'}}")
+    assert (cfg.vram_check, cfg.vram_check_timeout) == ("warn", 10.0)
+    assert not cfg.warnings
+
+
+@pytest.mark.parametrize(
+    "text, mode, timeout",
+    [
+        ("vramCheck: strict\nvramCheckTimeout: 2.5\n", "strict", 2.5),
+        ("vramCheck: 'off'\nvramCheckTimeout: 30\n", "off", 30.0),
+        ("vramCheck: off\n", "off", 10.0),  # a plain string in swapd's YAML
+        ("vramCheck: false\n", "off", 10.0),
+        ("vramCheck: ' Warn '\n", "warn", 10.0),
+    ],
+)
+def test_vram_check_values_are_parsed(text, mode, timeout):
+    cfg = load(text)
+    assert (cfg.vram_check, cfg.vram_check_timeout) == (mode, timeout)
+    assert not [w for w in cfg.warnings if "vramCheck" in w], cfg.warnings
+
+
+@pytest.mark.parametrize(
+    "text, key, fragment",
+    [
+        ("vramCheck: maybe\n", "vramCheck", "must be one of: off, warn, strict; got 'maybe'"),
+        ("vramCheck: true\n", "vramCheck", "must be one of"),
+        ("vramCheck: [strict]\n", "vramCheck", "got a list"),
+        ("vramCheckTimeout: 0\n", "vramCheckTimeout", "must be > 0"),
+        ("vramCheckTimeout: -3\n", "vramCheckTimeout", "must be > 0"),
+        ("vramCheckTimeout: 5000\n", "vramCheckTimeout", "<= 3600"),
+        ("vramCheckTimeout: soon\n", "vramCheckTimeout", "expected a number of seconds, got 'soon'"),
+        ("vramCheckTimeout: true\n", "vramCheckTimeout", "expected a number of seconds"),
+    ],
+)
+def test_vram_check_errors_name_the_key(text, key, fragment):
+    err = load_error(text)
+    assert err.key == key and err.model is None
+    assert fragment in str(err)
+    assert str(err).startswith(f"config.yaml: key '{key}': ")

@@ -54,6 +54,9 @@ MAX_PORT = 65535
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_TO_STDOUT_VALUES = ("proxy", "upstream", "both", "none")
 MODALITIES = ("text", "audio", "image")
+VRAM_CHECK_MODES = ("off", "warn", "strict")
+DEFAULT_VRAM_CHECK = "warn"
+DEFAULT_VRAM_CHECK_TIMEOUT = 10.0
 
 # Every key llama-swap understands at the top level.
 KNOWN_TOP_LEVEL_KEYS = (
@@ -83,6 +86,9 @@ KNOWN_TOP_LEVEL_KEYS = (
     "apiKeys",
     "peers",
     "upstream",
+    # swapd's own keys
+    "vramCheck",
+    "vramCheckTimeout",
 )
 
 # Accepted, but swapd does not act on them (yet).
@@ -843,6 +849,26 @@ def _check_peers(ctx: _Context, reader: _Reader) -> None:
             ctx.fail("must list at least one model", None, f"{key}.models")
 
 
+def _vram_check(ctx: _Context, document: Mapping[str, Any]) -> tuple[str, float]:
+    """vramCheck (off|warn|strict) and vramCheckTimeout (seconds > 0)."""
+    mode = document.get("vramCheck")
+    if mode is None:
+        mode = DEFAULT_VRAM_CHECK
+    elif mode is False:  # `vramCheck: false` reads naturally as off
+        mode = "off"
+    elif not isinstance(mode, str) or mode.strip().lower() not in VRAM_CHECK_MODES:
+        ctx.fail(f"must be one of: {', '.join(VRAM_CHECK_MODES)}; got {_describe(mode)}", None, "vramCheck")
+    mode = mode.strip().lower()
+    timeout = document.get("vramCheckTimeout")
+    if timeout is None:
+        timeout = DEFAULT_VRAM_CHECK_TIMEOUT
+    elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        ctx.fail(f"expected a number of seconds, got {_describe(timeout)}", None, "vramCheckTimeout")
+    elif not 0 < timeout <= 3600:
+        ctx.fail(f"must be > 0 and <= 3600 seconds, got {_describe(timeout)}", None, "vramCheckTimeout")
+    return mode, float(timeout)
+
+
 def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
     for key in document:
         if key in NOT_IMPLEMENTED_KEYS:
@@ -879,6 +905,7 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         unload_timeout = DEFAULT_UNLOAD_TIMEOUT
     start_port = top.int("startPort", DEFAULT_START_PORT)
 
+    vram_check, vram_check_timeout = _vram_check(ctx, expanded)
     send_loading_state = top.bool("sendLoadingState", False)
     include_aliases = top.bool("includeAliasesInList", False)
     top.mapping_of("hooks")
@@ -937,6 +964,8 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         preload=tuple(preload),
         priority=MappingProxyType(priority),
         include_aliases_in_list=include_aliases,
+        vram_check=vram_check,
+        vram_check_timeout=vram_check_timeout,
     )
 
 

@@ -103,6 +103,9 @@ class Config:
     preload: tuple[str, ...] = ()
     priority: Mapping[str, int] = field(default_factory=dict)
     include_aliases_in_list: bool = False
+    # GPU memory verification after every stop (swapd.gpu): "off", "warn" or "strict".
+    vram_check: str = "warn"
+    vram_check_timeout: float = 10.0
 
     def resolve(self, name: str) -> ModelConfig | None:
         """Find a model by id, or failing that by alias."""
