@@ -107,8 +107,13 @@ class Scheduler:
     def queued(self) -> list[str]:
         return [r.model for r in self._queue]
 
-    async def acquire(self, model_id: str) -> Lease:
-        """Wait until ``model_id`` is ready and may take one more request."""
+    def request(self, model_id: str) -> _Request:
+        """Admit one request for ``model_id`` now, or refuse it (429, 404, 503).
+
+        Admission is synchronous so a refusal reaches the client before any
+        loading stream starts. Pass the ticket to ``wait``; a caller that
+        gives up before waiting must ``abandon`` it.
+        """
         if self._closing:
             raise SchedulerError(503, "swapd is shutting down", "shutting_down")
         if model_id not in self.backends:
@@ -124,11 +129,30 @@ class Scheduler:
         self._reserved[model_id] = self._reserved.get(model_id, 0) + 1
         req = _Request(model_id, asyncio.get_running_loop().create_future(), self._priority(model_id))
         self._on_request(req)
+        return req
+
+    async def wait(self, req: _Request) -> Lease:
+        """Wait until the admitted request may be served."""
         try:
             return await req.future
         except asyncio.CancelledError:
-            self._on_cancel(req)
+            self.abandon(req)
             raise
+
+    def abandon(self, req: _Request) -> None:
+        """The caller is gone: drop the request from the queue or hand its lease back."""
+        self._on_cancel(req)
+        if not req.future.done():
+            req.future.cancel()
+
+    async def acquire(self, model_id: str) -> Lease:
+        """Admit and wait: a lease on a ready ``model_id``."""
+        return await self.wait(self.request(model_id))
+
+    def serving_now(self, model_id: str) -> bool:
+        """True when a request for ``model_id`` is being served without waiting."""
+        backend = self.backends.get(model_id)
+        return backend is not None and backend.state is State.READY and model_id not in self._active
 
     async def unload(self, model_ids: Iterable[str] | None = None, reason: str = "unload") -> list[StopReport]:
         """Stop models now (all when ``model_ids`` is None), as llama-swap's /unload does."""
@@ -173,7 +197,7 @@ class Scheduler:
 
     # -- decisions (synchronous) ----------------------------------------
     def _priority(self, model_id: str) -> int:
-        return 0
+        return self.config.priority.get(model_id, 0)
 
     def _running_set(self, exclude: str) -> list[str]:
         running = {m for m, b in self.backends.items() if b.state is not State.STOPPED}

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import shlex
 import time
-from urllib.parse import quote, unquote
 
 import aiohttp
 from aiohttp import web
@@ -16,8 +15,16 @@ from swapd.config import Config, ModelConfig
 from swapd.logging import get_logger
 from swapd.logring import LogRing
 from swapd.scheduler import Scheduler, SchedulerError
-from swapd.server.errors import error_response
-from swapd.server.relay import UpstreamError, relay
+from swapd.server.auth import auth_middleware, cors_middleware
+from swapd.server.errors import ClientError, error_response
+from swapd.server.keys import RUNTIME
+from swapd.server.routing import (
+    handle_json_model,
+    handle_multipart_model,
+    handle_query_model,
+    handle_upstream,
+)
+from swapd.server.relay import UpstreamError
 
 log = get_logger("swapd.server")
 
@@ -46,6 +53,8 @@ JSON_MODEL_ROUTES = (
 )
 # GET endpoints that name the model in the query string.
 QUERY_MODEL_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras", "/props")
+# POST endpoints whose multipart form names the model.
+MULTIPART_MODEL_ROUTES = ("/v1/audio/transcriptions", "/v1/images/edits")
 
 
 class Runtime:
@@ -93,15 +102,6 @@ class Runtime:
         return {"added": added, "changed": changed, "removed": removed}
 
 
-RUNTIME = web.AppKey("runtime", Runtime)
-
-
-class ClientError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
 
 
 @web.middleware
@@ -133,93 +133,6 @@ async def error_middleware(request: web.Request, handler):
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
     allow = exc.headers.get("Allow")
     return {"Allow": allow} if allow else None
-
-
-# -- model-routed handlers ---------------------------------------------------
-
-
-def _resolve(config: Config, name) -> ModelConfig:
-    if not isinstance(name, str) or not name:
-        raise ClientError(404, "no model id could be identified in the request", "model_not_found")
-    model = config.resolve(name)
-    if model is None:
-        shown = name if len(name) <= 200 else name[:200] + "..."
-        raise ClientError(404, f"model {shown!r} not found", "model_not_found")
-    return model
-
-
-async def _forward(request: web.Request, model: ModelConfig, path_qs: str, body) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
-    t0 = time.monotonic()
-    lease = await rt.scheduler.acquire(model.id)
-    t_ready = time.monotonic()
-    outcome = "client_disconnected"
-    try:
-        response = await relay(request, rt.session, lease.backend.model.proxy.rstrip("/") + path_qs, body, model.id)
-        outcome = response.get("swapd.error", "ok")
-        return response
-    except UpstreamError as exc:
-        outcome = str(exc)
-        raise
-    finally:
-        lease.release()
-        log.info(
-            "request",
-            model=model.id,
-            method=request.method,
-            path=request.path,
-            status=request.get("swapd.status", 502 if outcome != "client_disconnected" else 499),
-            outcome=outcome,
-            wait_s=round(t_ready - t0, 4),
-            total_s=round(time.monotonic() - t0, 4),
-        )
-
-
-async def handle_json_model(request: web.Request) -> web.StreamResponse:
-    body = await request.read()
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ClientError(400, "request body is not valid JSON", "invalid_json") from None
-    if not isinstance(data, dict):
-        raise ClientError(400, "request body must be a JSON object", "invalid_body")
-    model = _resolve(request.app[RUNTIME].config, data.get("model"))
-    if model.use_model_name:
-        data["model"] = model.use_model_name
-        body = json.dumps(data).encode()
-    return await _forward(request, model, request.path_qs, body)
-
-
-async def handle_query_model(request: web.Request) -> web.StreamResponse:
-    model = _resolve(request.app[RUNTIME].config, request.query.get("model"))
-    return await _forward(request, model, request.path_qs, None)
-
-
-async def handle_upstream(request: web.Request) -> web.StreamResponse:
-    """/upstream/<model>/<path>: talk to a backend's own endpoints, starting it if needed."""
-    config = request.app[RUNTIME].config
-    raw_tail = request.raw_path.split("?", 1)[0][len("/upstream/"):]
-    segments = raw_tail.split("/")
-    found = None
-    for i in range(1, len(segments) + 1):
-        name = unquote("/".join(segments[:i]))
-        model = config.resolve(name)
-        if model is not None:
-            found = (name, model, "/" + "/".join(segments[i:]))  # keep the rest percent-encoded
-    if found is None:
-        raise ClientError(404, "model not found", "model_not_found")
-    name, model, rest = found
-    if rest == "/" and not request.raw_path.split("?", 1)[0].endswith("/"):
-        target = "/upstream/" + quote(name, safe="/") + "/"
-        if request.query_string:
-            target += "?" + request.query_string
-        cls = web.HTTPMovedPermanently if request.method in ("GET", "HEAD") else web.HTTPPermanentRedirect
-        raise cls(location=target)
-    if any(part in ("..", ".") for part in unquote(rest).split("/")):
-        raise ClientError(400, "path traversal is not allowed in /upstream paths", "invalid_path")
-    path_qs = rest + ("?" + request.query_string if request.query_string else "")
-    body = request.content if request.can_read_body else None
-    return await _forward(request, model, path_qs, body)
 
 
 # -- management ------------------------------------------------------------
@@ -331,8 +244,24 @@ async def handle_not_found(request: web.Request) -> web.Response:
 # -- app factory -------------------------------------------------------------
 
 
+async def _preload(rt: Runtime) -> None:
+    """hooks.on_startup.preload: load these models once, in order, at startup."""
+    for model_id in rt.config.preload:
+        t0 = time.monotonic()
+        try:
+            lease = await rt.scheduler.acquire(model_id)
+        except (SchedulerError, StartError) as exc:
+            log.error("preload.failed", model=model_id, error=str(exc))
+            continue
+        lease.release()
+        log.info("preload.done", model=model_id, seconds=round(time.monotonic() - t0, 3))
+
+
 def create_app(config: Config) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+    # Outermost first: errors are rendered for everything, preflights need no key.
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, cors_middleware, auth_middleware]
+    )
     rt = app[RUNTIME] = Runtime(config)
 
     async def lifecycle(app: web.Application):
@@ -346,7 +275,11 @@ def create_app(config: Config) -> web.Application:
         rt.scheduler = Scheduler(config, rt.backends)
         for mc in config.models.values():
             rt.backends[mc.id] = rt.new_backend(mc)
+        preload = asyncio.get_running_loop().create_task(_preload(rt)) if config.preload else None
         yield
+        if preload is not None:
+            preload.cancel()
+            await asyncio.gather(preload, return_exceptions=True)
         await rt.scheduler.close()
         await rt.session.close()
 
@@ -359,6 +292,8 @@ def create_app(config: Config) -> web.Application:
             r.add_post("/v" + path[3:], handle_json_model)  # llama-swap's versionless /v/... aliases
     for path in QUERY_MODEL_ROUTES:
         r.add_get(path, handle_query_model)
+    for path in MULTIPART_MODEL_ROUTES:
+        r.add_post(path, handle_multipart_model)
     r.add_route("*", "/upstream/{tail:.+}", handle_upstream)
     r.add_get("/health", handle_health)
     r.add_get("/v1/models", handle_models)

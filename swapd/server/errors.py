@@ -56,3 +56,13 @@ def error_response(
         content_type="application/json",
         headers=headers,
     )
+
+
+class ClientError(Exception):
+    """A request swapd refuses on its own; rendered by the error middleware."""
+
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code

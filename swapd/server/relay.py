@@ -8,11 +8,14 @@ how llama-server learns to stop generating.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+
+from swapd.config import Timeouts
 
 # RFC 9110 §7.6.1 connection-specific headers, plus the ones aiohttp sets itself.
 _HOP_BY_HOP = frozenset(
@@ -64,18 +67,39 @@ async def relay(
     url: str,
     body,
     model_id: str,
+    *,
+    prepared: web.StreamResponse | None = None,
+    timeouts: Timeouts | None = None,
+    content_length: int | None = None,
+    extra_headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
-    """Send ``body`` to ``url`` and stream the backend's response to the client."""
+    """Send ``body`` to ``url`` and stream the backend's response to the client.
+
+    ``prepared`` is a response whose headers already went out (the loading
+    stream); then only the backend's body follows on it.
+    """
+    headers = forward_headers(request)
+    if extra_headers:
+        headers.update(extra_headers)
+    if content_length is not None:
+        headers["Content-Length"] = str(content_length)
+    timeout = None
+    if timeouts is not None and timeouts.connect:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
+    call = session.request(request.method, url, data=body, headers=headers, allow_redirects=False, timeout=timeout)
     try:
-        upstream = await session.request(
-            request.method,
-            url,
-            data=body,
-            headers=forward_headers(request),
-            allow_redirects=False,
-        )
+        if timeouts is not None and timeouts.response_header:
+            async with asyncio.timeout(timeouts.response_header):
+                upstream = await call
+        else:
+            upstream = await call
+    except TimeoutError as exc:
+        raise UpstreamError(504, f"model {model_id}: backend did not answer in time (timeouts)") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamError(502, f"model {model_id}: backend unreachable: {exc}") from exc
+    if prepared is not None:
+        request["swapd.status"] = prepared.status
+        return await _relay_into(prepared, upstream, model_id)
 
     clean = False
     request["swapd.status"] = upstream.status
@@ -116,3 +140,22 @@ async def relay(
             upstream.release()
         else:
             upstream.close()
+
+
+async def _relay_into(response: web.StreamResponse, upstream: aiohttp.ClientResponse, model_id: str) -> web.StreamResponse:
+    """Continue an already-started event stream with the backend's body."""
+    try:
+        if upstream.status != 200:
+            detail = (await upstream.read())[:2000].decode("utf-8", "replace")
+            event = {"error": {"message": f"model {model_id}: backend answered {upstream.status}: {detail}",
+                               "type": "server_error", "code": "backend_error"}}
+            await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            response["swapd.error"] = f"backend answered {upstream.status}"
+        else:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        await response.write_eof()
+        upstream.release()
+        return response
+    finally:
+        upstream.close()

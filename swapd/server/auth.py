@@ -1,0 +1,85 @@
+"""API keys and CORS preflight, as llama-swap does them.
+
+When ``apiKeys`` is set every route needs one, except the health checks and
+CORS preflights. A key is accepted from ``Authorization: Bearer``, the Basic
+auth password, or ``x-api-key``, and compared in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import re
+
+from aiohttp import web
+
+from swapd.server.errors import error_response
+from swapd.server.keys import RUNTIME
+
+EXEMPT_PATHS = frozenset({"/health", "/wol-health"})
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def extract_api_key(request: web.Request) -> str:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer" and value.strip():
+        return value.strip()
+    if scheme == "basic" and value.strip():
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8", "replace")
+        except (binascii.Error, ValueError):
+            return ""
+        return decoded.partition(":")[2]
+    return request.headers.get("x-api-key", "").strip()
+
+
+def key_matches(provided: str, keys: tuple[str, ...]) -> bool:
+    """Constant-time match against every configured key (no early exit)."""
+    wanted = provided.encode()
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(wanted, key.encode())
+    return ok
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    keys = request.app[RUNTIME].config.api_keys
+    if not keys or request.method == "OPTIONS" or request.path in EXEMPT_PATHS:
+        return await handler(request)
+    if not key_matches(extract_api_key(request), keys):
+        return error_response(
+            request,
+            401,
+            "unauthorized: invalid or missing API key",
+            "invalid_api_key",
+            headers={"WWW-Authenticate": 'Basic realm="swapd"'},
+        )
+    return await handler(request)
+
+
+def _allowed_headers(requested: str) -> str:
+    valid = [h.strip() for h in requested.split(",") if h.strip() and _TOKEN.match(h.strip())]
+    return ", ".join(valid)
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler):
+    """Answer preflights for any path; other requests pass through."""
+    if request.method != "OPTIONS":
+        return await handler(request)
+    requested = request.headers.get("Access-Control-Request-Headers", "")
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": "*",
+            "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": _allowed_headers(requested)
+            if requested
+            else "Content-Type, Authorization, Accept, X-Requested-With",
+            "Access-Control-Max-Age": "86400",
+        },
+    )

@@ -1,0 +1,395 @@
+"""Model-routed handlers: find the model, rewrite the body, get a lease, relay.
+
+The model comes from the JSON body, a multipart form field, the query string
+or an ``/upstream/<model>/`` path. Local models go through the scheduler;
+``peer/model`` names go straight to the remote peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import quote, unquote
+
+from aiohttp import web
+
+from swapd.backend import StartError
+from swapd.config import Config, Filters, ModelConfig, PeerConfig
+from swapd.logging import get_logger
+from swapd.scheduler import SchedulerError
+from swapd.server.errors import ClientError
+from swapd.server.keys import RUNTIME
+from swapd.server.relay import UpstreamError, relay
+
+log = get_logger("swapd.server")
+
+# A streaming chat request to a cold model may get progress while it loads
+# (llama-swap's sendLoadingState); only chat clients render reasoning_content.
+LOADING_PATHS = ("/v1/chat/completions",)
+LOADING_TICK_SECONDS = 0.75
+
+# How much of a multipart upload may be held while looking for its model field.
+MULTIPART_SNIFF_LIMIT = 256 * 1024 * 1024
+
+
+def _bad_model(name) -> ClientError:
+    if not isinstance(name, str) or not name:
+        return ClientError(404, "no model id could be identified in the request", "model_not_found")
+    shown = name if len(name) <= 200 else name[:200] + "..."
+    return ClientError(404, f"model {shown!r} not found", "model_not_found")
+
+
+def _lookup(config: Config, name) -> ModelConfig | tuple[PeerConfig, str]:
+    """A local model (id or alias; these win) or a (peer, model) pair."""
+    if isinstance(name, str) and name:
+        model = config.resolve(name)
+        if model is not None:
+            return model
+        peer = config.resolve_peer(name)
+        if peer is not None:
+            return peer
+    raise _bad_model(name)
+
+
+# -- body rewriting ------------------------------------------------------------
+
+
+def _set_path(doc: dict, dotted: str, value) -> None:
+    node = doc
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def _del_path(doc: dict, dotted: str) -> None:
+    node = doc
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return
+    node.pop(leaf, None)
+
+
+def rewrite_body(data: dict, requested: str, use_model_name: str, filters: Filters) -> bool:
+    """Apply useModelName and filters in llama-swap's order; return True if anything changed."""
+    if not (use_model_name or filters):
+        return False
+    if use_model_name:
+        data["model"] = use_model_name
+    for name in filters.strip_params:
+        _del_path(data, name)
+    for name, value in filters.set_params.items():
+        _set_path(data, name, value)
+    for name, value in filters.set_params_by_id.get(requested, {}).items():
+        _set_path(data, name, value)
+    return True
+
+
+# -- forwarding ------------------------------------------------------------------
+
+
+class LoadingStream:
+    """The SSE a streaming chat client sees while its model loads.
+
+    The 200 and the event-stream headers go out at once; progress is sent as
+    ``reasoning_content`` deltas (dots, and the backend's latest output line),
+    and the model's own stream follows on the same response.
+    """
+
+    def __init__(self, request: web.Request, model_id: str, rt) -> None:
+        self.request = request
+        self.model_id = model_id
+        self.rt = rt
+        self.response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        self._ticker: asyncio.Task | None = None
+        self._t0 = time.monotonic()
+
+    async def send(self, text: str) -> None:
+        event = {"choices": [{"index": 0, "delta": {"reasoning_content": text}}]}
+        await self.response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+
+    async def start(self) -> None:
+        await self.response.prepare(self.request)
+        await self.send(f"swapd loading model: {self.model_id}\n")
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        backend = self.rt.backends.get(self.model_id)
+        last = None
+        while True:
+            await asyncio.sleep(LOADING_TICK_SECONDS)
+            tail = backend.tail()[-1:] if backend is not None else []
+            line = tail[0].strip()[:200] if tail else None
+            if line and line != last:
+                last = line
+                await self.send(f"\n{line} ")
+            else:
+                await self.send(".")
+
+    async def finish(self, error: Exception | None = None) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+            self._ticker = None
+        if error is None:
+            await self.send(f"\nDone! ({time.monotonic() - self._t0:.2f}s)\n\n")
+            return
+        message = error.detail() if isinstance(error, StartError) else str(error)
+        event = {"error": {"message": message, "type": "server_error", "code": "backend_start_failed"}}
+        await self.response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        await self.response.write(b"data: [DONE]\n\n")
+        await self.response.write_eof()
+
+
+async def forward_local(
+    request: web.Request,
+    model: ModelConfig,
+    path_qs: str,
+    body,
+    *,
+    loading: bool = False,
+    content_length: int | None = None,
+) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    scheduler = rt.scheduler
+    t0 = time.monotonic()
+    ticket = scheduler.request(model.id)  # 429 here, before any loading stream
+    loader = None
+    try:
+        if loading and not scheduler.serving_now(model.id):
+            loader = LoadingStream(request, model.id, rt)
+            await loader.start()
+        try:
+            lease = await scheduler.wait(ticket)
+        except (SchedulerError, StartError) as exc:
+            if loader is None:
+                raise
+            await loader.finish(exc)
+            return loader.response
+    except BaseException:
+        scheduler.abandon(ticket)
+        raise
+    if loader is not None:
+        await loader.finish()
+    t_ready = time.monotonic()
+    outcome = "client_disconnected"
+    backend_model = lease.backend.model
+    try:
+        response = await relay(
+            request,
+            rt.session,
+            backend_model.proxy.rstrip("/") + path_qs,
+            body,
+            model.id,
+            prepared=loader.response if loader is not None else None,
+            timeouts=backend_model.timeouts,
+            content_length=content_length,
+        )
+        outcome = response.get("swapd.error", "ok")
+        return response
+    except UpstreamError as exc:
+        outcome = str(exc)
+        raise
+    finally:
+        lease.release()
+        log.info(
+            "request",
+            model=model.id,
+            method=request.method,
+            path=request.path,
+            status=request.get("swapd.status", 502 if outcome != "client_disconnected" else 499),
+            outcome=outcome,
+            wait_s=round(t_ready - t0, 4),
+            total_s=round(time.monotonic() - t0, 4),
+        )
+
+
+async def forward_peer(
+    request: web.Request, peer: PeerConfig, path_qs: str, body, *, content_length: int | None = None
+) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    headers = None
+    if peer.api_key:
+        headers = {"Authorization": f"Bearer {peer.api_key}", "x-api-key": peer.api_key}
+    t0 = time.monotonic()
+    outcome = "client_disconnected"
+    try:
+        response = await relay(
+            request, rt.session, peer.proxy + path_qs, body, f"{peer.id} (peer)",
+            extra_headers=headers, content_length=content_length,
+        )
+        outcome = response.get("swapd.error", "ok")
+        return response
+    except UpstreamError as exc:
+        outcome = str(exc)
+        raise
+    finally:
+        log.info(
+            "request",
+            peer=peer.id,
+            method=request.method,
+            path=request.path,
+            status=request.get("swapd.status", 502 if outcome != "client_disconnected" else 499),
+            outcome=outcome,
+            total_s=round(time.monotonic() - t0, 4),
+        )
+
+
+# -- handlers --------------------------------------------------------------------
+
+
+async def handle_json_model(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ClientError(400, "request body is not valid JSON", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise ClientError(400, "request body must be a JSON object", "invalid_body")
+    requested = data.get("model")
+    target = _lookup(request.app[RUNTIME].config, requested)
+    if isinstance(target, ModelConfig):
+        if rewrite_body(data, requested, target.use_model_name, target.filters):
+            body = json.dumps(data).encode()
+        loading = target.send_loading_state and data.get("stream") is True and request.path in LOADING_PATHS
+        return await forward_local(request, target, request.path_qs, body, loading=loading)
+    peer, model_name = target
+    if rewrite_body(data, requested, model_name if model_name != requested else "", peer.filters):
+        body = json.dumps(data).encode()
+    return await forward_peer(request, peer, request.path_qs, body)
+
+
+async def handle_query_model(request: web.Request) -> web.StreamResponse:
+    requested = request.query.get("model")
+    target = _lookup(request.app[RUNTIME].config, requested)
+    if isinstance(target, ModelConfig):
+        return await forward_local(request, target, request.path_qs, None)
+    return await forward_peer(request, target[0], request.path_qs, None)
+
+
+_BOUNDARY_RE = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_NAME_RE = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
+
+
+class FormFieldSniffer:
+    """Find one simple form field in a multipart body as it arrives.
+
+    ``feed`` is called with the growing prefix and returns the field value's
+    ``(start, end)`` once its part is complete. Scanning resumes where it
+    stopped, so a large file before the field costs one pass, and only part
+    headers are parsed: file contents are never copied.
+    """
+
+    def __init__(self, boundary: bytes, field: bytes) -> None:
+        self.delim = b"--" + boundary
+        self.field = field
+        self.pos = 0  # where to look for the next part's delimiter
+        self.value_start: int | None = None
+        self.scan = 0
+        self.is_target = False
+
+    def feed(self, buf: bytes | bytearray) -> tuple[int, int] | None:
+        delim = self.delim
+        while True:
+            if self.value_start is None:
+                pos = buf.find(delim, self.pos)
+                if pos == -1:
+                    self.pos = max(self.pos, len(buf) - len(delim))
+                    return None
+                header_end = buf.find(b"\r\n\r\n", pos)
+                if header_end == -1:
+                    self.pos = pos
+                    return None
+                headers = bytes(buf[pos + len(delim):header_end])
+                match = _NAME_RE.search(headers)
+                self.is_target = bool(match and match.group(1) == self.field and b"filename=" not in headers.lower())
+                self.value_start = self.scan = header_end + 4
+            end = buf.find(b"\r\n" + delim, self.scan)
+            if end == -1:
+                self.scan = max(self.value_start, len(buf) - len(delim) - 2)
+                return None
+            if self.is_target:
+                return self.value_start, end
+            self.pos = end + 2
+            self.value_start = None
+
+
+async def handle_multipart_model(request: web.Request) -> web.StreamResponse:
+    """Multipart uploads (audio, image edits): stream through, holding only the prefix up to ``model``."""
+    ctype = request.headers.get("Content-Type", "")
+    match = _BOUNDARY_RE.search(ctype)
+    if not ctype.lower().startswith("multipart/form-data") or not match:
+        raise ClientError(400, "expected a multipart/form-data body with a 'model' field", "invalid_body")
+    boundary = match.group(1).encode()
+    buf = bytearray()
+    sniffer = FormFieldSniffer(boundary, b"model")
+    span = None
+    while span is None:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MULTIPART_SNIFF_LIMIT:
+            raise ClientError(413, "the multipart 'model' field must come within the first 256 MiB", "model_field_too_late")
+        span = sniffer.feed(buf)
+    if span is None:
+        raise ClientError(400, "the multipart form has no 'model' field", "model_not_found")
+    requested = buf[span[0]:span[1]].decode("utf-8", "replace").strip()
+    target = _lookup(request.app[RUNTIME].config, requested)
+    new_name = None
+    if isinstance(target, ModelConfig):
+        new_name = target.use_model_name or None
+    elif target[1] != requested:
+        new_name = target[1]
+    delta = 0
+    if new_name:
+        encoded = new_name.encode()
+        delta = len(encoded) - (span[1] - span[0])
+        buf[span[0]:span[1]] = encoded
+    content_length = request.content_length + delta if request.content_length is not None else None
+
+    async def body() -> AsyncIterator[bytes]:
+        yield buf  # the sniffed prefix, sent as is: the upload is never copied
+        async for chunk in request.content.iter_any():
+            yield chunk
+
+    if isinstance(target, ModelConfig):
+        return await forward_local(request, target, request.path_qs, body(), content_length=content_length)
+    return await forward_peer(request, target[0], request.path_qs, body(), content_length=content_length)
+
+
+async def handle_upstream(request: web.Request) -> web.StreamResponse:
+    """/upstream/<model>/<path>: talk to a backend's own endpoints, starting it if needed."""
+    config = request.app[RUNTIME].config
+    raw_path = request.raw_path.split("?", 1)[0]
+    segments = raw_path[len("/upstream/"):].split("/")
+    found = None
+    for i in range(1, len(segments) + 1):
+        name = unquote("/".join(segments[:i]))
+        model = config.resolve(name)
+        if model is not None:  # keep walking: the longest matching prefix wins
+            found = (name, model, "/" + "/".join(segments[i:]))  # the rest stays percent-encoded
+    if found is None:
+        raise ClientError(404, "model not found", "model_not_found")
+    name, model, rest = found
+    if rest == "/" and not raw_path.endswith("/"):
+        target = "/upstream/" + quote(name, safe="/") + "/"
+        if request.query_string:
+            target += "?" + request.query_string
+        cls = web.HTTPMovedPermanently if request.method in ("GET", "HEAD") else web.HTTPPermanentRedirect
+        raise cls(location=target)
+    if any(part in ("..", ".") for part in unquote(rest).split("/")):
+        raise ClientError(400, "path traversal is not allowed in /upstream paths", "invalid_path")
+    path_qs = rest + ("?" + request.query_string if request.query_string else "")
+    body = request.content if request.can_read_body else None
+    return await forward_local(request, model, path_qs, body, content_length=request.content_length)
