@@ -82,6 +82,12 @@ class FakeBackend:
         r.add_post("/v1/chat/completions", self.chat_completions)
         r.add_post("/v1/completions", self.completions)
         r.add_post("/v1/embeddings", self.embeddings)
+        # llama-server also serves the OpenAI routes without the /v1 prefix
+        r.add_post("/chat/completions", self.chat_completions)
+        r.add_post("/completions", self.completions)
+        r.add_post("/embeddings", self.embeddings)
+        r.add_post("/v1/audio/transcriptions", self.multipart_echo)
+        r.add_post("/v1/images/edits", self.multipart_echo)
         r.add_get("/v1/models", self.models)
         r.add_get("/x/headers", self.x_headers)
         r.add_get("/x/pid", self.x_pid)
@@ -155,6 +161,10 @@ class FakeBackend:
         if body.get("x_echo") is True:
             content = str(len(raw))
             extra = {"x_body_bytes": len(raw), "x_body_sha256": hashlib.sha256(raw).hexdigest()}
+            if len(raw) <= 1024 * 1024:  # small bodies come back whole, to check rewrites
+                extra["x_body_json"] = body
+                extra["x_headers"] = dict(request.headers)
+                extra["x_path"] = request.path_qs
         if chat:
             choice: dict[str, Any] = {
                 "index": 0,
@@ -287,6 +297,23 @@ class FakeBackend:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
+
+    async def multipart_echo(self, request: web.Request) -> web.Response:
+        """Describe a multipart upload: its text fields, and size and sha256 of each file."""
+        fields: dict[str, Any] = {}
+        files: dict[str, Any] = {}
+        reader = await request.multipart()
+        async for part in reader:
+            if part.filename is None:
+                fields[part.name] = (await part.read()).decode("utf-8", "replace")
+                continue
+            digest, size = hashlib.sha256(), 0
+            while chunk := await part.read_chunk(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            files[part.name] = {"filename": part.filename, "bytes": size, "sha256": digest.hexdigest()}
+        return _json({"text": "ok", "model": fields.get("model"), "fields": fields, "files": files,
+                      "content_length": request.content_length})
 
     async def models(self, request: web.Request) -> web.Response:
         return _json(

@@ -146,7 +146,7 @@ async def handle_models(request: web.Request) -> web.Response:
     config = request.app[RUNTIME].config
     backends = request.app[RUNTIME].backends
     created = int(time.time())
-    include_aliases = bool(config.raw.get("includeAliasesInList", False))
+    include_aliases = config.include_aliases_in_list
     data = []
     for model_id in config.models:
         mc = config.models[model_id]
@@ -173,6 +173,17 @@ async def handle_models(request: web.Request) -> web.Response:
         if include_aliases:
             for alias in mc.aliases:
                 data.append({**record, "id": alias, "meta": {"llamaswap": {"type": "alias", "modelID": model_id}}})
+    for peer in config.peers.values():
+        for peer_model in peer.models:
+            data.append({
+                "id": f"{peer.id}/{peer_model}",
+                "object": "model",
+                "created": created,
+                "owned_by": "swapd",
+                "name": f"{peer.id}: {peer_model}",
+                "status": {"value": "unloaded"},
+                "meta": {"llamaswap": {"type": "peer", "peerID": peer.id}},
+            })
     data.sort(key=lambda r: r["id"])
     headers = {}
     origin = request.headers.get("Origin")

@@ -258,15 +258,18 @@ async def handle_json_model(request: web.Request) -> web.StreamResponse:
         raise ClientError(400, "request body must be a JSON object", "invalid_body")
     requested = data.get("model")
     target = _lookup(request.app[RUNTIME].config, requested)
+    path_qs = request.path_qs
+    if path_qs.startswith("/v/"):  # llama-swap's versionless aliases forward without the /v
+        path_qs = path_qs[2:]
     if isinstance(target, ModelConfig):
         if rewrite_body(data, requested, target.use_model_name, target.filters):
             body = json.dumps(data).encode()
         loading = target.send_loading_state and data.get("stream") is True and request.path in LOADING_PATHS
-        return await forward_local(request, target, request.path_qs, body, loading=loading)
+        return await forward_local(request, target, path_qs, body, loading=loading)
     peer, model_name = target
     if rewrite_body(data, requested, model_name if model_name != requested else "", peer.filters):
         body = json.dumps(data).encode()
-    return await forward_peer(request, peer, request.path_qs, body)
+    return await forward_peer(request, peer, path_qs, body)
 
 
 async def handle_query_model(request: web.Request) -> web.StreamResponse:
