@@ -12,15 +12,18 @@ import collections
 import enum
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 import psutil
 
 from swapd import osutil
 from swapd.config import ModelConfig
+from swapd.guardian import Guardian
 from swapd.logging import get_logger
 from swapd.logring import LogRing
 
@@ -81,6 +84,35 @@ class ChildRegistry:
     def __init__(self) -> None:
         self.managed: set[int] = set()
         self.spawning = 0
+        self.guardian: Guardian | None = None
+
+    def ensure_guardian(self) -> Guardian | None:
+        """Start the watchdog that kills our backends if swapd is SIGKILLed (once)."""
+        if self.guardian is None:
+            guardian = Guardian()
+            if guardian.start():
+                self.guardian = guardian
+                self.managed.add(guardian.pid)
+            else:
+                log.warning("guardian.unavailable", detail="backends' descendants may outlive a SIGKILL of swapd")
+        return self.guardian
+
+    def close_guardian(self) -> None:
+        if self.guardian is not None:
+            pid = self.guardian.pid
+            self.guardian.close()
+            self.managed.discard(pid)
+            self.guardian = None
+
+    def track(self, pid: int, group: bool = False) -> None:
+        if self.guardian is not None:
+            if group:
+                self.guardian.track_group(pid)
+            self.guardian.track_pid(pid)
+
+    def forget(self, pid: int) -> None:
+        if self.guardian is not None:
+            self.guardian.forget(pid)
 
     def reap_orphans(self) -> list[int]:
         if self.spawning:
@@ -204,6 +236,7 @@ class Backend:
         self._stopping_by_us = False
         self.last_error = None
         try:
+            self._check_port_free()
             await self._spawn()
             await self._wait_healthy(t0)
         except BaseException as exc:
@@ -216,10 +249,40 @@ class Backend:
         self._set_state(State.READY)
         log.info("backend.ready", model=self.id, pid=self.pid, seconds=round(time.monotonic() - t0, 3))
 
+    def _check_port_free(self) -> None:
+        """Refuse to start when another process already listens on the model's port.
+
+        Otherwise the health check could pass against that other server and
+        swapd would route requests to the wrong process.
+        """
+        port = self.model.port
+        if port is None:
+            return
+        host = (urlsplit(self.model.proxy).hostname or "").lower()
+        if host not in ("localhost", "127.0.0.1", "::1", "0.0.0.0", ""):
+            return
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                pass
+        owner = ""
+        try:
+            for conn in psutil.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                    owner = f" by pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+                    break
+        except (psutil.Error, OSError):
+            pass
+        raise StartError(self.id, f"model {self.id}: port {port} is already in use{owner}; stop that process or change startPort")
+
     async def _spawn(self) -> None:
         model = self.model
         env = dict(os.environ)
         env.update(model.env)
+        CHILDREN.ensure_guardian()
         CHILDREN.spawning += 1
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -237,6 +300,7 @@ class Backend:
             CHILDREN.spawning -= 1
         proc = self._proc
         CHILDREN.managed.add(proc.pid)
+        CHILDREN.track(proc.pid, group=True)
         self.started_at = time.time()
         key = _pid_key(psutil.Process(proc.pid)) if psutil.pid_exists(proc.pid) else None
         if key:
@@ -355,15 +419,18 @@ class Backend:
             procs = []
         for proc in procs:
             key = _pid_key(proc)
-            if key is not None:
-                self._tracked.setdefault(*key)
+            if key is not None and key[0] not in self._tracked:
+                self._tracked[key[0]] = key[1]
+                CHILDREN.track(key[0])
 
     def _live_tracked(self) -> dict[int, float]:
         return {pid: ctime for pid, ctime in self._tracked.items() if _alive(pid, ctime)}
 
     def claim(self, pid: int, ctime: float) -> None:
         """Attribute an orphan (found by the registry) to this backend."""
-        self._tracked.setdefault(pid, ctime)
+        if pid not in self._tracked:
+            self._tracked[pid] = ctime
+            CHILDREN.track(pid)
 
     async def stop(self, reason: str, claim_orphans: Callable[[Backend], None] | None = None) -> StopReport:
         """Stop the whole process tree; return what was stopped and how.
@@ -423,7 +490,9 @@ class Backend:
 
     def _proc_cleanup(self) -> None:
         for pid in list(self._tracked):
-            osutil.reap_zombie(pid) if pid not in CHILDREN.managed else None
+            if pid not in CHILDREN.managed:
+                osutil.reap_zombie(pid)
+            CHILDREN.forget(pid)
         self._tracked.clear()
         self.ready_at = None
 

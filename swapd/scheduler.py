@@ -174,6 +174,23 @@ class Scheduler:
         self._drain()
         return [r for r in reports if r.pids]
 
+    def drain(self) -> None:
+        """Shutdown has begun: refuse new requests and fail queued ones with 503.
+
+        Requests already being served keep their leases and may finish.
+        """
+        self._closing = True
+        err = SchedulerError(503, "swapd is shutting down", "shutting_down")
+        for swap in list(self._active.values()):
+            for waiter in swap.waiters:
+                self._grant_error(waiter, err)
+            swap.waiters.clear()
+            if swap.task is not None:
+                swap.task.cancel()
+        for req in self._queue:
+            self._grant_error(req, err)
+        self._queue.clear()
+
     async def close(self) -> None:
         """Refuse new work, fail waiters, cancel swaps and stop every backend."""
         self._closing = True
@@ -194,6 +211,7 @@ class Scheduler:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await asyncio.gather(*(self._stop(m, "shutdown") for m in self.backends))
         await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
+        CHILDREN.close_guardian()
 
     # -- decisions (synchronous) ----------------------------------------
     def _priority(self, model_id: str) -> int:

@@ -30,7 +30,7 @@ from ._macros import (
     walk_strings,
     walk_values,
 )
-from ._model import DEFAULT_GROUP_ID, Config, Filters, GroupConfig, ModelConfig, PeerConfig, Timeouts
+from ._model import DEFAULT_GROUP_ID, ClientLimits, Config, Filters, GroupConfig, ModelConfig, PeerConfig, Timeouts
 
 # Never stripped or set by filters: routing depends on them (llama-swap's list).
 PROTECTED_PARAMS = frozenset({"model"})
@@ -89,7 +89,9 @@ KNOWN_TOP_LEVEL_KEYS = (
     # swapd's own keys
     "vramCheck",
     "vramCheckTimeout",
+    "clientLimits",
 )
+KNOWN_CLIENT_LIMIT_KEYS = ("maxBodyMB", "headerTimeout", "bodyIdleTimeout")
 
 # Accepted, but swapd does not act on them (yet).
 NOT_IMPLEMENTED_KEYS = (
@@ -959,6 +961,7 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         aliases=MappingProxyType(dict(aliases)),
         raw=MappingProxyType(expanded),
         warnings=tuple(ctx.warnings),
+        client_limits=_build_client_limits(ctx, top),
         api_keys=tuple(top.str_list("apiKeys")),
         peers=MappingProxyType(peers),
         preload=tuple(preload),
@@ -966,6 +969,26 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         include_aliases_in_list=include_aliases,
         vram_check=vram_check,
         vram_check_timeout=vram_check_timeout,
+    )
+
+
+def _build_client_limits(ctx: _Context, top: _Reader) -> ClientLimits:
+    """swapd's ``clientLimits``: what a client may send, and how slowly."""
+    limits = top.mapping_of("clientLimits")
+    for key in limits:
+        if key not in KNOWN_CLIENT_LIMIT_KEYS:
+            ctx.warn(f"clientLimits: {_unknown_key_message(key, KNOWN_CLIENT_LIMIT_KEYS)}")
+    reader = _Reader(ctx, limits, prefix="clientLimits.")
+    values = {}
+    for key, default in (("maxBodyMB", 512), ("headerTimeout", 30), ("bodyIdleTimeout", 60)):
+        value = reader.int(key, default, seconds=key != "maxBodyMB")
+        if value <= 0:
+            reader.fail(key, f"must be > 0, got {value}")
+        values[key] = value
+    return ClientLimits(
+        max_body_bytes=values["maxBodyMB"] * 1024 * 1024,
+        header_timeout=float(values["headerTimeout"]),
+        body_idle_timeout=float(values["bodyIdleTimeout"]),
     )
 
 

@@ -36,6 +36,15 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class ClientLimits:
+    """What a client may send swapd, and how slowly (swapd's ``clientLimits``)."""
+
+    max_body_bytes: int = 512 * 1024 * 1024  # base64 images and audio need room
+    header_timeout: float = 30.0  # first byte of a request to the end of its headers
+    body_idle_timeout: float = 60.0  # longest pause while a body is being received
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     """A remote OpenAI-compatible server whose models are addressed as ``peer/model``."""
 
@@ -98,6 +107,7 @@ class Config:
     aliases: Mapping[str, str]
     raw: Mapping[str, Any]
     warnings: tuple[str, ...]
+    client_limits: ClientLimits = field(default_factory=ClientLimits)
     api_keys: tuple[str, ...] = ()
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
     preload: tuple[str, ...] = ()

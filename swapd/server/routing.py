@@ -11,7 +11,6 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from urllib.parse import quote, unquote
 
 from aiohttp import web
@@ -23,6 +22,7 @@ from swapd.scheduler import SchedulerError
 from swapd.server.errors import ClientError
 from swapd.server.keys import RUNTIME
 from swapd.server.relay import UpstreamError, relay
+from swapd.server.slowclient import check_declared_length, read_body, stream_body
 
 log = get_logger("swapd.server")
 
@@ -249,7 +249,8 @@ async def forward_peer(
 
 
 async def handle_json_model(request: web.Request) -> web.StreamResponse:
-    body = await request.read()
+    limits = request.app[RUNTIME].config.client_limits
+    body = await read_body(request, limits.body_idle_timeout, limits.max_body_bytes)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -334,16 +335,24 @@ async def handle_multipart_model(request: web.Request) -> web.StreamResponse:
     if not ctype.lower().startswith("multipart/form-data") or not match:
         raise ClientError(400, "expected a multipart/form-data body with a 'model' field", "invalid_body")
     boundary = match.group(1).encode()
+    limits = request.app[RUNTIME].config.client_limits
+    check_declared_length(request, limits.max_body_bytes)
+    sniff_limit = min(MULTIPART_SNIFF_LIMIT, limits.max_body_bytes)
     buf = bytearray()
     sniffer = FormFieldSniffer(boundary, b"model")
     span = None
     while span is None:
-        chunk = await request.content.readany()
+        try:
+            async with asyncio.timeout(limits.body_idle_timeout):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise ClientError(408, f"request body stalled for {limits.body_idle_timeout:g}s", "request_timeout") from None
         if not chunk:
             break
         buf += chunk
-        if len(buf) > MULTIPART_SNIFF_LIMIT:
-            raise ClientError(413, "the multipart 'model' field must come within the first 256 MiB", "model_field_too_late")
+        if len(buf) > sniff_limit:
+            raise ClientError(413, f"the multipart 'model' field must come within the first {sniff_limit} bytes",
+                              "model_field_too_late")
         span = sniffer.feed(buf)
     if span is None:
         raise ClientError(400, "the multipart form has no 'model' field", "model_not_found")
@@ -361,14 +370,11 @@ async def handle_multipart_model(request: web.Request) -> web.StreamResponse:
         buf[span[0]:span[1]] = encoded
     content_length = request.content_length + delta if request.content_length is not None else None
 
-    async def body() -> AsyncIterator[bytes]:
-        yield buf  # the sniffed prefix, sent as is: the upload is never copied
-        async for chunk in request.content.iter_any():
-            yield chunk
-
+    # the sniffed prefix goes out as is, then the rest as it arrives: never copied
+    body = stream_body(request, limits.body_idle_timeout, limits.max_body_bytes + delta, prefix=buf)
     if isinstance(target, ModelConfig):
-        return await forward_local(request, target, request.path_qs, body(), content_length=content_length)
-    return await forward_peer(request, target[0], request.path_qs, body(), content_length=content_length)
+        return await forward_local(request, target, request.path_qs, body, content_length=content_length)
+    return await forward_peer(request, target[0], request.path_qs, body, content_length=content_length)
 
 
 async def handle_upstream(request: web.Request) -> web.StreamResponse:
@@ -394,5 +400,9 @@ async def handle_upstream(request: web.Request) -> web.StreamResponse:
     if any(part in ("..", ".") for part in unquote(rest).split("/")):
         raise ClientError(400, "path traversal is not allowed in /upstream paths", "invalid_path")
     path_qs = rest + ("?" + request.query_string if request.query_string else "")
-    body = request.content if request.can_read_body else None
+    body = None
+    if request.can_read_body:
+        limits = config.client_limits
+        check_declared_length(request, limits.max_body_bytes)
+        body = stream_body(request, limits.body_idle_timeout, limits.max_body_bytes)
     return await forward_local(request, model, path_qs, body, content_length=request.content_length)
