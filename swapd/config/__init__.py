@@ -20,6 +20,7 @@ from ._load import (
     load_config,
     load_config_text,
 )
+from ._merge import config_dir_files, config_sources, load_config_sources
 from ._model import DEFAULT_GROUP_ID, PID_PLACEHOLDER, Config, Filters, GroupConfig, ModelConfig, PeerConfig, Timeouts
 
 __all__ = [
@@ -38,5 +39,8 @@ __all__ = [
     "ModelConfig",
     "PID_PLACEHOLDER",
     "load_config",
+    "load_config_sources",
+    "config_dir_files",
+    "config_sources",
     "load_config_text",
 ]
