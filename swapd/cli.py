@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
+import ssl
 import sys
 
 from aiohttp import web
 
 from swapd import __version__, logging as slog, osutil
-from swapd.config import ConfigError, load_config
+from swapd.config import ConfigError, config_dir_files, load_config_sources
 
 # llama-swap spells its flags with one dash (Go's flag package); accept both.
-_SINGLE_DASH = ("config", "listen", "version", "watch-config", "log-format")
+_SINGLE_DASH = (
+    "config",
+    "config-dir",
+    "listen",
+    "version",
+    "watch-config",
+    "log-format",
+    "tls-cert-file",
+    "tls-key-file",
+)
+DEFAULT_CONFIG = "config.yaml"
+DEFAULT_TLS_PORT = 8443  # llama-swap's default port when serving TLS
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
@@ -41,7 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="swapd",
         description="Model-swapping reverse proxy for local LLM servers (llama-swap compatible).",
     )
-    p.add_argument("--config", default="config.yaml", help="config file (llama-swap format); default config.yaml")
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"config file (llama-swap format); default {DEFAULT_CONFIG} unless --config-dir is given",
+    )
+    p.add_argument(
+        "--config-dir",
+        default=None,
+        metavar="DIR",
+        help="directory of *.yml/*.yaml files merged in name order (after --config, if given)",
+    )
     p.add_argument(
         "--listen",
         default="127.0.0.1:8080",
@@ -49,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on: HOST:PORT, or :PORT for all interfaces (default 127.0.0.1:8080)",
     )
     p.add_argument("--watch-config", action="store_true", help="reload the config when the file changes")
+    p.add_argument("--tls-cert-file", default=None, metavar="FILE", help="TLS certificate (PEM); serve HTTPS")
+    p.add_argument("--tls-key-file", default=None, metavar="FILE", help="TLS private key (PEM) for --tls-cert-file")
     p.add_argument(
         "--log-format",
         choices=("auto", "console", "json"),
@@ -57,6 +82,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
+
+
+def tls_context(cert_file: str | None, key_file: str | None) -> ssl.SSLContext | None:
+    """The server TLS context for ``--tls-cert-file``/``--tls-key-file``; both or neither.
+
+    Raises ValueError with a one-line message when only one is given or the
+    pair cannot be loaded, so a bad flag fails at start, not at the first client.
+    """
+    if not cert_file and not key_file:
+        return None
+    if not cert_file or not key_file:
+        given, missing = ("--tls-cert-file", "--tls-key-file") if cert_file else ("--tls-key-file", "--tls-cert-file")
+        raise ValueError(f"TLS needs both --tls-cert-file and --tls-key-file; {given} was given without {missing}")
+    for flag, path in (("--tls-cert-file", cert_file), ("--tls-key-file", key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read TLS file {path} ({flag}): {exc.strerror or exc}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(
+            f"cannot load TLS certificate {cert_file} with key {key_file}: expected a PEM certificate "
+            f"and its matching private key ({getattr(exc, 'reason', None) or exc})"
+        ) from None
+    return context
 
 
 # Subcommands beside the llama-swap compatible server flags. Each module has
@@ -73,19 +126,33 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
-    args = build_parser().parse_args(_normalise_argv(argv))
+    normalised = _normalise_argv(argv)
+    args = build_parser().parse_args(normalised)
     if args.version:
         print(f"swapd {__version__}")
         return 0
+    if args.config is None and args.config_dir is None:
+        args.config = DEFAULT_CONFIG
     try:
-        config = load_config(args.config)
+        args.ssl_context = tls_context(args.tls_cert_file, args.tls_key_file)
+    except ValueError as exc:
+        print(f"swapd: {exc}", file=sys.stderr)
+        return 2
+    if args.ssl_context is not None and not any(a == "--listen" or a.startswith("--listen=") for a in normalised):
+        args.listen = (args.listen[0], DEFAULT_TLS_PORT)
+    try:
+        config = load_config_sources(args.config, args.config_dir)
     except ConfigError as exc:
         print(f"swapd: config error: {exc}", file=sys.stderr)
         return 2
-    slog.configure(config.log_level, args.log_format)
+    from swapd.server.observe import apply_log_settings
+
+    args.log_sink = sink = slog.ProxyLog()
+    setting_warnings = apply_log_settings(config, sink)
+    slog.configure(config.log_level, args.log_format, sink=sink)
     log = slog.get_logger("swapd")
-    for warning in config.warnings:
-        log.warning("config.warning", file=args.config, message=warning)
+    for warning in (*config.warnings, *setting_warnings):
+        log.warning("config.warning", file=config.path, message=warning)
     try:
         asyncio.run(serve(config, args))
     except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch this
@@ -99,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(config, args) -> None:
     from swapd.backend import CHILDREN
     from swapd.server.app import RUNTIME, create_app
+    from swapd.server.observe import apply_log_settings
 
     log = slog.get_logger("swapd")
     loop = asyncio.get_running_loop()
@@ -107,11 +175,17 @@ async def serve(config, args) -> None:
     loop.add_signal_handler(signal.SIGCHLD, CHILDREN.reap_orphans)
 
     app = create_app(config)
+    rt = app[RUNTIME]
+    sink = getattr(args, "log_sink", None)
+    apply_log_settings(config, sink, rt.upstream_echo)
+    if sink is not None:
+        sink.attach(rt.logs, loop)
+    ssl_context = getattr(args, "ssl_context", None)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10.0)
     await runner.setup()
     host, port = args.listen
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024, ssl_context=ssl_context)
         await site.start()
     except OSError:
         await runner.cleanup()
@@ -120,6 +194,8 @@ async def serve(config, args) -> None:
     log.info(
         "swapd.listening",
         address=shown,
+        url=f"{'https' if ssl_context else 'http'}://{shown}",
+        tls=ssl_context is not None,
         version=__version__,
         models=len(config.models),
         hint=(
@@ -129,7 +205,7 @@ async def serve(config, args) -> None:
         ),
     )
 
-    reloader = Reloader(app[RUNTIME], args.config)
+    reloader = Reloader(rt, args.config, getattr(args, "config_dir", None), sink=sink)
     loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
     watcher = loop.create_task(reloader.watch()) if args.watch_config else None
 
@@ -144,6 +220,7 @@ async def serve(config, args) -> None:
         if watcher is not None:
             watcher.cancel()
         await reloader.close()
+        rt.events.close()  # end log streams and SSE clients so they do not hold the shutdown up
         await runner.cleanup()
         loop.remove_signal_handler(signal.SIGCHLD)
         CHILDREN.reap_orphans()
@@ -151,16 +228,21 @@ async def serve(config, args) -> None:
 
 
 class Reloader:
-    """Reload the config on SIGHUP or when the file changes; one reload at a time.
+    """Reload the config on SIGHUP or when its files change; one reload at a time.
 
-    A config that fails to load is logged and ignored: the running one stays.
+    The config is ``--config`` and/or every ``*.yml``/``*.yaml`` file in
+    ``--config-dir``; a file added to or removed from the directory counts as
+    a change. A config that fails to load is logged and ignored: the running
+    one stays.
     """
 
     POLL_SECONDS = 1.0
 
-    def __init__(self, runtime, path: str) -> None:
+    def __init__(self, runtime, path: str | None, config_dir: str | None = None, sink=None) -> None:
         self.runtime = runtime
         self.path = path
+        self.config_dir = config_dir
+        self.sink = sink
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._log = slog.get_logger("swapd.config")
@@ -171,29 +253,55 @@ class Reloader:
         task.add_done_callback(self._tasks.discard)
 
     async def reload(self, why: str) -> bool:
+        from swapd.server.observe import apply_log_settings
+
         async with self._lock:
             try:
-                new = load_config(self.path)
+                new = load_config_sources(self.path, self.config_dir)
             except ConfigError as exc:
                 self._log.error("config.reload_failed", reason=why, error=str(exc), detail="keeping the running config")
                 return False
             for warning in new.warnings:
-                self._log.warning("config.warning", file=self.path, message=warning)
+                self._log.warning("config.warning", file=new.path, message=warning)
             changes = await self.runtime.reload(new)
+            echo = getattr(self.runtime, "upstream_echo", None)
+            for warning in apply_log_settings(new, self.sink, echo):
+                self._log.warning("config.warning", file=new.path, message=warning)
+            events = getattr(self.runtime, "events", None)
+            if events is not None:
+                events.models_changed()
             self._log.info("config.reloaded", reason=why, **changes)
             return True
 
-    def _stamp(self):
-        import os
-
+    @staticmethod
+    def _file_stamp(path: str):
         try:
-            st = os.stat(self.path)
+            st = os.stat(path)
         except OSError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
+    def _stamp(self):
+        """What the config's files look like now; None while they are briefly missing."""
+        stamps = []
+        if self.path:
+            stamp = self._file_stamp(self.path)
+            if stamp is None:
+                return None  # an editor replacing the file; look again next time
+            stamps.append((self.path, stamp))
+        if self.config_dir:
+            try:
+                files = config_dir_files(self.config_dir)
+            except ConfigError:
+                return None
+            if not files and not self.path:
+                return None  # as llama-swap: an emptied directory is not reloaded
+            for name in files:
+                stamps.append((name, self._file_stamp(name)))
+        return tuple(stamps)
+
     async def watch(self) -> None:
-        # One stat() a second: negligible, and it works on every filesystem
+        # A few stat() calls a second: negligible, and it works on every filesystem
         # (editors that replace the file, bind mounts, NFS) where inotify may not.
         last = self._stamp()
         while True:

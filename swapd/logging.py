@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import datetime
 import logging
+import re
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Literal
 
 import structlog
@@ -29,33 +35,196 @@ def _redact(_logger, _name, event_dict):
     return event_dict
 
 
-def configure(level: str = "info", fmt: LogFormat = "auto", stream=None) -> None:
+def configure(level: str = "info", fmt: LogFormat = "auto", stream=None, sink: ProxyLog | None = None) -> None:
     """Configure structlog once for the whole process.
 
     ``fmt="auto"`` renders for a person when the stream is a terminal and as
     JSON lines otherwise, so journald and log shippers get structured records.
+    With a ``sink``, every rendered line is also kept as llama-swap's "proxy"
+    log (see :class:`ProxyLog`), which also owns the timestamp format.
     """
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
-    renderer = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty())
-        if fmt == "console"
-        else structlog.processors.JSONRenderer()
-    )
+    colors = fmt == "console" and stream.isatty()
+    renderer = structlog.dev.ConsoleRenderer(colors=colors) if fmt == "console" else structlog.processors.JSONRenderer()
+    processors = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        sink.stamp if sink is not None else structlog.processors.TimeStamper(fmt="iso", utc=False),
+        _redact,
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+    if sink is not None:
+        sink.strip_colors = colors
+        processors.append(sink.capture)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=False),
-            _redact,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+
+
+# -- llama-swap's logTimeFormat ---------------------------------------------
+
+# Go's named time layouts (llama-swap's logTimeFormat values), rendered the way
+# Go renders them: "_2" is a space-padded day, "Z07:00" prints "Z" for UTC,
+# "3:04PM" has no padding. Each takes nanoseconds since the epoch.
+
+
+def _parts(ns: int) -> tuple[datetime.datetime, int]:
+    seconds, frac = divmod(ns, 1_000_000_000)
+    return datetime.datetime.fromtimestamp(seconds).astimezone(), frac
+
+
+def _zone_colon(dt: datetime.datetime) -> str:
+    offset = dt.utcoffset() or datetime.timedelta(0)
+    if not offset:
+        return "Z"
+    text = dt.strftime("%z")  # +hhmm
+    return f"{text[:3]}:{text[3:5]}"
+
+
+def _layout(fmt: str, frac_digits: int = 0, *, trim: bool = False) -> Callable[[int], str]:
+    def render(ns: int) -> str:
+        dt, frac = _parts(ns)
+        text = dt.strftime(fmt.replace("{_2}", f"{dt.day:2d}").replace("{Z07:00}", _zone_colon(dt)))
+        if frac_digits:
+            digits = f"{frac:09d}"[:frac_digits]
+            if trim:
+                digits = digits.rstrip("0")
+            if digits:
+                text = text.replace("{frac}", "." + digits)
+            else:
+                text = text.replace("{frac}", "")
+        return text
+
+    return render
+
+
+def _kitchen(ns: int) -> str:
+    dt, _ = _parts(ns)
+    return f"{dt.hour % 12 or 12}:{dt.minute:02d}{'AM' if dt.hour < 12 else 'PM'}"
+
+
+GO_TIME_LAYOUTS: dict[str, Callable[[int], str]] = {
+    "ansic": _layout("%a %b {_2} %H:%M:%S %Y"),
+    "unixdate": _layout("%a %b {_2} %H:%M:%S %Z %Y"),
+    "rubydate": _layout("%a %b %d %H:%M:%S %z %Y"),
+    "rfc822": _layout("%d %b %y %H:%M %Z"),
+    "rfc822z": _layout("%d %b %y %H:%M %z"),
+    "rfc850": _layout("%A, %d-%b-%y %H:%M:%S %Z"),
+    "rfc1123": _layout("%a, %d %b %Y %H:%M:%S %Z"),
+    "rfc1123z": _layout("%a, %d %b %Y %H:%M:%S %z"),
+    "rfc3339": _layout("%Y-%m-%dT%H:%M:%S{Z07:00}"),
+    "rfc3339nano": _layout("%Y-%m-%dT%H:%M:%S{frac}{Z07:00}", 9, trim=True),
+    "kitchen": _kitchen,
+    "stamp": _layout("%b {_2} %H:%M:%S"),
+    "stampmilli": _layout("%b {_2} %H:%M:%S{frac}", 3),
+    "stampmicro": _layout("%b {_2} %H:%M:%S{frac}", 6),
+    "stampnano": _layout("%b {_2} %H:%M:%S{frac}", 9),
+}
+
+
+# -- swapd's own log as llama-swap's "proxy" log --------------------------------
+
+PROXY_SOURCE = "swapd"
+PROXY_STREAM = "proxy"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ALWAYS_PRINTED = frozenset({"warning", "error", "critical", "exception"})
+_DEFAULT = object()
+
+
+class ProxyLog:
+    """swapd's own log lines, kept as llama-swap's "proxy" log monitor.
+
+    An instance provides two structlog processors (installed by
+    :func:`configure`): ``stamp`` writes the timestamp in the configured
+    ``logTimeFormat``; ``capture`` runs after the renderer and appends each
+    rendered line to the runtime's :class:`~swapd.logring.LogRing` as source
+    ``"swapd"``, stream ``"proxy"``. The server attaches its ring once it
+    exists; lines logged before that are kept (bounded) and handed over then.
+
+    ``printed`` is whether swapd's info and debug lines reach its console
+    (``logToStdout`` proxy or both); warnings and errors always do, so a
+    failure is never silent. The ring gets every line either way.
+
+    The per-line cost is a deque append and, with SSE or log-stream clients
+    connected, one queue put per client.
+    """
+
+    def __init__(self, pending_lines: int = 500) -> None:
+        self.printed = True
+        self.strip_colors = False
+        self._ring = None
+        self._loop = None
+        self._loop_thread: int | None = None
+        self._pending: collections.deque[str] = collections.deque(maxlen=pending_lines)
+        self._iso = structlog.processors.TimeStamper(fmt="iso", utc=False)
+        self._format: object = _DEFAULT
+        self._local = threading.local()
+
+    # -- settings --------------------------------------------------------
+    def set_time_format(self, value) -> str | None:
+        """Apply ``logTimeFormat``; return a warning for an unknown name.
+
+        ``None`` (key absent) keeps swapd's ISO-8601 timestamp; ``""`` means
+        no timestamp (llama-swap's default); a Go layout name selects it.
+        llama-swap treats an unknown name as ``""``; so does swapd, with a
+        warning.
+        """
+        if value is None:
+            self._format = _DEFAULT
+            return None
+        name = str(value).strip().lower()
+        if name == "":
+            self._format = None
+            return None
+        layout = GO_TIME_LAYOUTS.get(name)
+        self._format = layout
+        if layout is None:
+            return f"logTimeFormat {value!r} is not one of: {', '.join(GO_TIME_LAYOUTS)}; logging without timestamps"
+        return None
+
+    def attach(self, ring, loop) -> None:
+        """Start appending to ``ring``; ``loop`` is the loop that owns it."""
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._ring = ring
+        while self._pending:
+            ring.append(PROXY_SOURCE, PROXY_STREAM, self._pending.popleft())
+
+    def detach(self) -> None:
+        self._ring = None
+        self._loop = None
+
+    # -- processors ------------------------------------------------------
+    def stamp(self, logger, method, event_dict):
+        self._local.printed = self.printed or event_dict.get("level", method) in _ALWAYS_PRINTED
+        fmt = self._format
+        if fmt is _DEFAULT:
+            return self._iso(logger, method, event_dict)
+        if fmt is not None:
+            event_dict["timestamp"] = fmt(time.time_ns())
+        return event_dict
+
+    def capture(self, logger, method, rendered):
+        text = _ANSI.sub("", rendered) if self.strip_colors else rendered
+        ring = self._ring
+        if ring is None:
+            self._pending.append(text)
+        elif threading.get_ident() == self._loop_thread:
+            ring.append(PROXY_SOURCE, PROXY_STREAM, text)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(ring.append, PROXY_SOURCE, PROXY_STREAM, text)
+            except (RuntimeError, AttributeError):  # loop closed or detached meanwhile
+                pass
+        if not getattr(self._local, "printed", True):
+            raise structlog.DropEvent
+        return rendered
 
 
 def get_logger(name: str = "swapd"):

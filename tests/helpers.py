@@ -83,6 +83,18 @@ class Swapd:
     tag: str
     log_path: Path
     _log_file: object = field(repr=False, default=None)
+    # Optional: stdout kept apart from the log (split_stdout=True), and HTTPS.
+    stdout_path: Path | None = None
+    ssl_context: object = field(repr=False, default=None)
+    _stdout_file: object = field(repr=False, default=None)
+
+    def connection(self, timeout: float = 60.0) -> http.client.HTTPConnection:
+        if self.ssl_context is not None:
+            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=self.ssl_context)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def stdout_text(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path else ""
 
     @property
     def base(self) -> str:
@@ -101,7 +113,7 @@ class Swapd:
         return events
 
     def request(self, method: str, path: str, body=None, headers=None, timeout: float = 60.0) -> Response:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = self.connection(timeout)
         try:
             hdrs = dict(headers or {})
             if isinstance(body, (dict, list)):
@@ -124,7 +136,7 @@ class Swapd:
 
     def stream(self, model: str, path: str = "/v1/chat/completions", timeout: float = 60.0, **extra):
         """Stream a chat completion; return (status, headers, [(arrival_time, data_line)])."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = self.connection(timeout)
         try:
             body = json.dumps({"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}], **extra})
             conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
@@ -157,6 +169,8 @@ class Swapd:
         finally:
             if self._log_file is not None:
                 self._log_file.close()
+            if self._stdout_file is not None:
+                self._stdout_file.close()
 
 
 def model(*opts: str, **keys) -> dict:
@@ -197,23 +211,46 @@ def free_port_range(n: int = 20) -> int:
     raise RuntimeError("no free port range")
 
 
-def start_swapd(tmp_path: Path, models: dict, *, extra_args=(), tag: str | None = None, **top) -> Swapd:
+def start_swapd(
+    tmp_path: Path,
+    models: dict,
+    *,
+    extra_args=(),
+    tag: str | None = None,
+    config_flag: bool = True,
+    split_stdout: bool = False,
+    ssl_context=None,
+    **top,
+) -> Swapd:
+    """Start swapd on a fresh port with ``models`` written to tmp_path/config.yaml.
+
+    ``config_flag=False`` leaves ``--config`` out (pass ``--config-dir`` in
+    ``extra_args``); ``split_stdout`` keeps stdout in its own file
+    (``Swapd.stdout_text()``) instead of in the log; ``ssl_context`` makes the
+    helpers talk HTTPS with that client context.
+    """
     tag = tag or uuid.uuid4().hex
     config_path = write_config(tmp_path / "config.yaml", models, tag, **top)
     port = free_port()
     log_path = tmp_path / "swapd.log"
     log_file = open(log_path, "wb")
+    stdout_path = tmp_path / "swapd.stdout" if split_stdout else None
+    stdout_file = open(stdout_path, "wb") if split_stdout else None
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(
-        [PY, "-m", "swapd", "--config", str(config_path), "--listen", f"127.0.0.1:{port}", "--log-format", "json", *extra_args],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
+        [
+            PY, "-m", "swapd",
+            *(("--config", str(config_path)) if config_flag else ()),
+            "--listen", f"127.0.0.1:{port}", "--log-format", "json", *extra_args,
+        ],
+        stdout=stdout_file or log_file,
+        stderr=log_file if split_stdout else subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         cwd=ROOT,
         env=env,
     )
-    swapd = Swapd(proc, port, config_path, tag, log_path, log_file)
+    swapd = Swapd(proc, port, config_path, tag, log_path, log_file, stdout_path, ssl_context, stdout_file)
 
     def healthy():
         if proc.poll() is not None:

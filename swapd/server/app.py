@@ -17,6 +17,7 @@ from swapd.logring import LogRing
 from swapd.scheduler import Scheduler, SchedulerError
 from swapd.server.auth import auth_middleware, cors_middleware
 from swapd.server.errors import ClientError, error_response
+from swapd.server import observe
 from swapd.server.keys import RUNTIME
 from swapd.server.routing import (
     handle_json_model,
@@ -66,13 +67,22 @@ class Runtime:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.logs = LogRing()
+        self.logs = observe.ObservedLogRing()
+        self.events = observe.EventHub(lambda: observe.model_status(self))
+        self.upstream_echo = observe.UpstreamEcho()  # logToStdout: upstream|both
+        self.logs.listeners += [self.events.on_log_line, self.upstream_echo]
         self.session: aiohttp.ClientSession | None = None
         self.backends: dict[str, Backend] = {}
         self.scheduler: Scheduler | None = None
 
     def new_backend(self, mc: ModelConfig) -> Backend:
-        return Backend(mc, logs=self.logs, session=self.session, on_exit=self.scheduler.on_backend_exit)
+        return Backend(
+            mc,
+            logs=self.logs,
+            session=self.session,
+            on_exit=self.scheduler.on_backend_exit,
+            on_state=self.events.on_backend_state,
+        )
 
     async def reload(self, new: Config) -> dict[str, list[str]]:
         """Apply a new config; only changed or removed models are stopped.
@@ -239,13 +249,11 @@ async def handle_api_unload_all(request: web.Request) -> web.Response:
 
 
 async def handle_logs(request: web.Request) -> web.Response:
-    lines = request.app[RUNTIME].logs.lines()
-    text = "".join(f"[{line.source}] {line.text}\n" for line in lines)
-    return web.Response(text=text)
+    return await observe.handle_logs(request)
 
 
 async def handle_version(request: web.Request) -> web.Response:
-    return web.json_response({"version": __version__, "name": "swapd"})
+    return await observe.handle_version(request)
 
 
 async def handle_not_found(request: web.Request) -> web.Response:
@@ -315,5 +323,8 @@ def create_app(config: Config) -> web.Application:
     r.add_post("/api/models/unload/{model:.+}", handle_api_unload_model)
     r.add_get("/logs", handle_logs)
     r.add_get("/api/version", handle_version)
+    r.add_get("/logs/stream", observe.handle_log_stream)
+    r.add_get("/logs/stream/{monitor:.+}", observe.handle_log_stream)
+    r.add_get("/api/events", observe.handle_events)
     r.add_route("*", "/{tail:.*}", handle_not_found)
     return app
