@@ -217,6 +217,7 @@ def start_swapd(
     *,
     extra_args=(),
     tag: str | None = None,
+    env: dict[str, str] | None = None,
     config_flag: bool = True,
     split_stdout: bool = False,
     ssl_context=None,
@@ -236,8 +237,9 @@ def start_swapd(
     log_file = open(log_path, "wb")
     stdout_path = tmp_path / "swapd.stdout" if split_stdout else None
     stdout_file = open(stdout_path, "wb") if split_stdout else None
-    env = dict(os.environ)
+    extra_env, env = env, dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra_env or {})  # e.g. LD_LIBRARY_PATH for the NVML stub
     proc = subprocess.Popen(
         [
             PY, "-m", "swapd",
