@@ -15,6 +15,7 @@ from swapd.config import Config, ModelConfig
 from swapd.logging import get_logger
 from swapd.logring import LogRing
 from swapd.scheduler import Scheduler, SchedulerError
+from swapd.server import gpu_api
 from swapd.server.auth import auth_middleware, cors_middleware
 from swapd.server.errors import ClientError, error_response
 from swapd.server import observe
@@ -158,6 +159,7 @@ async def handle_models(request: web.Request) -> web.Response:
     created = int(time.time())
     include_aliases = config.include_aliases_in_list
     data = []
+    usage = await gpu_api.model_usage(request.app)
     for model_id in config.models:
         mc = config.models[model_id]
         if mc.unlisted:
@@ -167,6 +169,8 @@ async def handle_models(request: web.Request) -> web.Response:
         meta = {**(mc.metadata or {}), "type": "model"}
         if mc.aliases:
             meta["aliases"] = list(mc.aliases)
+        meta["vram_mib"] = usage.get(model_id, {}).get("vram_mib")
+        meta["pids"] = backends[model_id].tracked_pids()
         record = {
             "id": model_id,
             "object": "model",
@@ -206,6 +210,7 @@ async def handle_running(request: web.Request) -> web.Response:
     backends = request.app[RUNTIME].backends
     scheduler = request.app[RUNTIME].scheduler
     running = []
+    usage = await gpu_api.model_usage(request.app)
     for model_id in sorted(backends):
         backend = backends[model_id]
         if backend.state is State.STOPPED:
@@ -222,6 +227,7 @@ async def handle_running(request: web.Request) -> web.Response:
                 "description": mc.description,
                 "pid": backend.pid,
                 "pids": backend.tracked_pids(),
+                "vram_mib": usage.get(model_id, {}).get("vram_mib"),
                 "in_flight": scheduler.in_flight(model_id),
             }
         )
@@ -326,5 +332,6 @@ def create_app(config: Config) -> web.Application:
     r.add_get("/logs/stream", observe.handle_log_stream)
     r.add_get("/logs/stream/{monitor:.+}", observe.handle_log_stream)
     r.add_get("/api/events", observe.handle_events)
+    gpu_api.install(app)
     r.add_route("*", "/{tail:.*}", handle_not_found)
     return app
