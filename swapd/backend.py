@@ -11,6 +11,7 @@ import asyncio
 import collections
 import enum
 import os
+import shlex
 import signal
 import socket
 import time
@@ -26,6 +27,7 @@ from swapd.config import ModelConfig
 from swapd.guardian import Guardian
 from swapd.logging import get_logger
 from swapd.logring import LogRing
+from swapd.redact import redact_argv
 
 log = get_logger("swapd.backend")
 
@@ -305,7 +307,7 @@ class Backend:
         key = _pid_key(psutil.Process(proc.pid)) if psutil.pid_exists(proc.pid) else None
         if key:
             self._tracked[key[0]] = key[1]
-        log.info("backend.start", model=self.id, pid=proc.pid, cmd=" ".join(model.cmd))
+        log.info("backend.start", model=self.id, pid=proc.pid, cmd=shlex.join(redact_argv(model.cmd)))
         self._pumps = [
             self._spawn_task(self._pump(proc.stdout, "stdout")),
             self._spawn_task(self._pump(proc.stderr, "stderr")),
@@ -546,7 +548,7 @@ class Backend:
 
     async def _run_cmd_stop(self, pid: int, timeout: float) -> None:
         argv = [part.replace("${PID}", str(pid)) for part in self.model.cmd_stop]
-        log.info("backend.cmd_stop", model=self.id, cmd=" ".join(argv))
+        log.info("backend.cmd_stop", model=self.id, cmd=shlex.join(redact_argv(argv)))
         CHILDREN.spawning += 1
         try:
             stopper = await asyncio.create_subprocess_exec(

@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(config, args) -> None:
     from swapd.backend import CHILDREN
     from swapd.server.app import RUNTIME, create_app
+    from swapd.server.slowclient import GuardedTCPSite
     from swapd.server.observe import apply_log_settings
 
     log = slog.get_logger("swapd")
@@ -185,7 +186,15 @@ async def serve(config, args) -> None:
     await runner.setup()
     host, port = args.listen
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024, ssl_context=ssl_context)
+        site = GuardedTCPSite.create(
+            runner,
+            host,
+            port,
+            header_timeout=config.client_limits.header_timeout,
+            reuse_address=True,
+            backlog=1024,
+            ssl_context=ssl_context,
+        )
         await site.start()
     except OSError:
         await runner.cleanup()

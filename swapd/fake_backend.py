@@ -102,6 +102,10 @@ class FakeBackend:
         stats["in_flight"] += 1
         if not self.quiet:
             _out(f"fake_backend: request {request.method} {request.path}")
+        key = self.args.api_key
+        if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
+            stats["in_flight"] -= 1
+            return _error("invalid api key", 401, "authentication_error")
         try:
             return await handler(request)
         finally:
@@ -388,6 +392,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exit-after", type=float, default=None, help="exit with code 4 after SECONDS")
     p.add_argument("--vram-mib", type=int, default=0, help="VRAM (MiB) reported via $SWAPD_STUB_NVML_STATE")
     p.add_argument("--quiet", action="store_true", help="don't log each request")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes, like llama-server")
     return p.parse_args(argv)
 
 

@@ -7,6 +7,7 @@ import shlex
 import time
 
 import aiohttp
+import psutil
 from aiohttp import web
 
 from swapd import __version__
@@ -14,6 +15,7 @@ from swapd.backend import Backend, StartError, State
 from swapd.config import Config, ModelConfig
 from swapd.logging import get_logger
 from swapd.logring import LogRing
+from swapd.redact import redact_argv
 from swapd.scheduler import Scheduler, SchedulerError
 from swapd.server import gpu_api
 from swapd.server.auth import auth_middleware, cors_middleware
@@ -220,7 +222,7 @@ async def handle_running(request: web.Request) -> web.Response:
             {
                 "model": model_id,
                 "state": backend.state.value,
-                "cmd": shlex.join(mc.cmd),
+                "cmd": shlex.join(redact_argv(mc.cmd)),
                 "proxy": mc.proxy,
                 "ttl": mc.ttl,
                 "name": mc.name,
@@ -260,6 +262,25 @@ async def handle_logs(request: web.Request) -> web.Response:
 
 async def handle_version(request: web.Request) -> web.Response:
     return await observe.handle_version(request)
+
+
+async def handle_status(request: web.Request) -> web.Response:
+    """swapd's own resources, for leak checks and soak tests: tasks, fds, children, memory."""
+    from swapd.backend import CHILDREN
+
+    proc = psutil.Process()
+    rt = request.app[RUNTIME]
+    return web.json_response({
+        "pid": proc.pid,
+        "tasks": len(asyncio.all_tasks()),
+        "fds": proc.num_fds(),
+        "children": sorted(c.pid for c in proc.children()),
+        "guardian": CHILDREN.guardian.pid if CHILDREN.guardian is not None else None,
+        "rss_bytes": proc.memory_info().rss,
+        "cpu_seconds": round(sum(proc.cpu_times()[:2]), 3),
+        "swaps": rt.scheduler.swap_count,
+        "queued": len(rt.scheduler.queued()),
+    })
 
 
 async def handle_not_found(request: web.Request) -> web.Response:
@@ -310,6 +331,13 @@ def create_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
 
+    async def begin_shutdown(app: web.Application) -> None:
+        # Runs after the listener closes and before in-flight requests are
+        # awaited: new requests on open connections get 503, streams finish.
+        rt.scheduler.drain()
+
+    app.on_shutdown.append(begin_shutdown)
+
     r = app.router
     for path in JSON_MODEL_ROUTES:
         r.add_post(path, handle_json_model)
@@ -329,6 +357,7 @@ def create_app(config: Config) -> web.Application:
     r.add_post("/api/models/unload/{model:.+}", handle_api_unload_model)
     r.add_get("/logs", handle_logs)
     r.add_get("/api/version", handle_version)
+    r.add_get("/api/status", handle_status)
     r.add_get("/logs/stream", observe.handle_log_stream)
     r.add_get("/logs/stream/{monitor:.+}", observe.handle_log_stream)
     r.add_get("/api/events", observe.handle_events)

@@ -130,3 +130,28 @@ def check_declared_length(request, limit: int) -> None:
 
     if request.content_length is not None and request.content_length > limit:
         raise ClientError(413, f"request body too large ({request.content_length} bytes; limit {limit})", "request_too_large")
+
+
+class GuardedTCPSite:
+    """Factory for an aiohttp TCPSite whose connections get the header deadline."""
+
+    @staticmethod
+    def create(runner, host, port, *, header_timeout: float, **kwargs):
+        from aiohttp import web
+
+        class _Site(web.TCPSite):
+            async def start(self) -> None:
+                # TCPSite.start, with aiohttp's protocol factory wrapped.
+                await web.BaseSite.start(self)
+                loop = asyncio.get_running_loop()
+                self._server = await loop.create_server(
+                    guarded_factory(self._runner.server, header_timeout),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl_context,
+                    backlog=self._backlog,
+                    reuse_address=self._reuse_address,
+                    reuse_port=self._reuse_port,
+                )
+
+        return _Site(runner, host, port, **kwargs)
