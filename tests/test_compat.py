@@ -437,3 +437,15 @@ def test_example_config_fixture_lists_its_models():
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+def test_upstream_ignore_paths_never_start_a_model(swapd):
+    s = swapd({"m1": model()}, upstream={"ignorePaths": [r"\.ico$", r"^/assets/"]})
+    r = s.get("/upstream/m1/favicon.ico")
+    assert r.status == 409 and "ignorePaths" in r.json()["error"]["message"]
+    assert s.get("/upstream/m1/assets/app.css").status == 409
+    assert s.running() == {}
+    s.chat("m1")
+    # once loaded, the same paths go through to the backend (its own 404 here)
+    r = s.get("/upstream/m1/favicon.ico")
+    assert r.status == 404 and r.json()["error"]["type"] == "not_found"

@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from types import MappingProxyType
 from typing import Any, Mapping, NoReturn
 from urllib.parse import urlsplit
@@ -962,6 +963,7 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         raw=MappingProxyType(expanded),
         warnings=tuple(ctx.warnings),
         client_limits=_build_client_limits(ctx, top),
+        upstream_ignore_paths=_upstream_ignore_paths(ctx, top),
         api_keys=tuple(top.str_list("apiKeys")),
         peers=MappingProxyType(peers),
         preload=tuple(preload),
@@ -970,6 +972,21 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         vram_check=vram_check,
         vram_check_timeout=vram_check_timeout,
     )
+
+
+DEFAULT_UPSTREAM_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
+
+
+def _upstream_ignore_paths(ctx: _Context, top: _Reader) -> tuple[re.Pattern, ...]:
+    reader = _Reader(ctx, top.mapping_of("upstream"), prefix="upstream.")
+    patterns = reader.str_list("ignorePaths") or list(DEFAULT_UPSTREAM_IGNORE_PATHS)
+    compiled = []
+    for index, pattern in enumerate(patterns):
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            ctx.fail(f"invalid regular expression {pattern!r}: {err}", None, f"upstream.ignorePaths[{index}]")
+    return tuple(compiled)
 
 
 def _build_client_limits(ctx: _Context, top: _Reader) -> ClientLimits:

@@ -108,6 +108,8 @@ class Config:
     raw: Mapping[str, Any]
     warnings: tuple[str, ...]
     client_limits: ClientLimits = field(default_factory=ClientLimits)
+    # upstream.ignorePaths: /upstream paths that never start a model (static assets)
+    upstream_ignore_paths: tuple[Any, ...] = ()
     api_keys: tuple[str, ...] = ()
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
     preload: tuple[str, ...] = ()

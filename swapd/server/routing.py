@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
-from swapd.backend import StartError
+from swapd.backend import StartError, State
 from swapd.config import Config, Filters, ModelConfig, PeerConfig
 from swapd.logging import get_logger
 from swapd.scheduler import SchedulerError
@@ -399,6 +399,11 @@ async def handle_upstream(request: web.Request) -> web.StreamResponse:
         raise cls(location=target)
     if any(part in ("..", ".") for part in unquote(rest).split("/")):
         raise ClientError(400, "path traversal is not allowed in /upstream paths", "invalid_path")
+    if any(p.search(unquote(rest)) for p in config.upstream_ignore_paths):
+        backend = request.app[RUNTIME].backends.get(model.id)
+        if backend is None or backend.state is not State.READY:
+            # a browser fetching a favicon must not load a model (llama-swap's ignorePaths)
+            raise ClientError(409, f"model {model.id} is not loaded; path matches upstream.ignorePaths", "model_not_loaded")
     path_qs = rest + ("?" + request.query_string if request.query_string else "")
     body = None
     if request.can_read_body:
