@@ -15,7 +15,6 @@ import sys
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import psutil
 

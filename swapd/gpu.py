@@ -955,6 +955,8 @@ class VramVerifier:
         if self.nvml is None:
             return {}
         running = self._running()
+        if not running:
+            return {}
         key = tuple(sorted((m, pid) for m, (pid, _) in running.items()))
         if key == self._usage_key and time.monotonic() - self._usage_at < USAGE_TTL:
             return self._usage
