@@ -449,3 +449,26 @@ def test_upstream_ignore_paths_never_start_a_model(swapd):
     # once loaded, the same paths go through to the backend (its own 404 here)
     r = s.get("/upstream/m1/favicon.ico")
     assert r.status == 404 and r.json()["error"]["type"] == "not_found"
+
+
+def test_every_json_route_reaches_the_backend_with_its_path(swapd):
+    from swapd.server.app import JSON_MODEL_ROUTES
+
+    s = swapd({"m1": model()})
+    for path in JSON_MODEL_ROUTES:
+        r = s.post(path, {"model": "m1", "x_echo": True, "messages": [], "input": "x", "prompt": "x"})
+        if r.status == 200:
+            assert r.json().get("x_path", path) == path, path
+        else:  # the fake backend has no such route: its own 404 names the forwarded path
+            assert r.status == 404 and r.json()["error"]["message"] == f"no route for POST {path}", (path, r.body)
+    assert s.get("/wol-health").status == 200
+
+
+def test_response_header_timeout_gives_504(swapd):
+    s = swapd({"m1": model(timeouts={"responseHeader": 1})})
+    s.chat("m1")
+    t0 = time.monotonic()
+    r = s.chat("m1", x_sleep=5)
+    assert r.status == 504 and r.json()["error"]["type"] == "server_error"
+    assert time.monotonic() - t0 < 4
+    assert s.chat("m1").status == 200

@@ -349,6 +349,7 @@ def create_app(config: Config) -> web.Application:
         r.add_post(path, handle_multipart_model)
     r.add_route("*", "/upstream/{tail:.+}", handle_upstream)
     r.add_get("/health", handle_health)
+    r.add_get("/wol-health", handle_health)
     r.add_get("/v1/models", handle_models)
     r.add_get("/models", handle_models)
     r.add_get("/running", handle_running)
