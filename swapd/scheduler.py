@@ -22,6 +22,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
+import psutil
+
 from swapd.backend import CHILDREN, Backend, StartError, State, StopReport
 from swapd.config import Config
 from swapd.logging import get_logger
@@ -456,8 +458,6 @@ class Scheduler:
         ran; when another live backend could also have created it, it is left
         alone rather than killed on a guess.
         """
-        import psutil
-
         roots = set(CHILDREN.managed)
         others = [b for b in self.backends.values() if b is not stopping and b.state is not State.STOPPED]
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import textwrap
 
@@ -12,7 +11,6 @@ from swapd.config import (
     DEFAULT_GROUP_ID,
     Config,
     ConfigError,
-    ModelConfig,
     load_config,
     load_config_text,
 )

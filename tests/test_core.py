@@ -9,14 +9,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import psutil
 import pytest
 
-from helpers import PY, ROOT, fake_cmd, model, tagged_processes, wait_until
+from helpers import PY, ROOT, model, tagged_processes, wait_until
 
 
 def _events(s, name):

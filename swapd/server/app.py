@@ -10,11 +10,9 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from swapd import __version__
 from swapd.backend import Backend, StartError, State
 from swapd.config import Config, ModelConfig
 from swapd.logging import get_logger
-from swapd.logring import LogRing
 from swapd.redact import redact_argv
 from swapd.scheduler import Scheduler, SchedulerError
 from swapd.server import gpu_api
@@ -130,7 +128,7 @@ async def error_middleware(request: web.Request, handler):
         return error_response(request, 502, exc.detail(), "backend_start_failed")
     except UpstreamError as exc:
         return error_response(request, exc.status, str(exc), "backend_unreachable")
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         return error_response(request, 413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
     except web.HTTPException as exc:
         if exc.status < 400:
