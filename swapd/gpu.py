@@ -820,8 +820,9 @@ class VramVerifier:
         kill_failed: dict[int, str] = {}
         other_started = [s for _, _, s in others]
         while True:
+            # CHILDREN.managed is changed on the loop: copy it here, not on the NVML thread.
             snap, orphans = await self.nvml.call(
-                self._poll, set(tree), started_at, others, other_started, not memory_only
+                self._poll, set(tree), started_at, others, other_started, set(CHILDREN.managed), not memory_only
             )
             for pid, ctime in orphans.items():
                 if pid not in tree:
@@ -832,7 +833,7 @@ class VramVerifier:
                 break
             targets = {pid: tree.get(pid) for pid in verdict.lingering if pid not in killed and pid not in kill_failed}
             if targets and not memory_only:
-                done, failed = await self.nvml.call(_kill_lingering, targets, stop_began)
+                done, failed = await self.nvml.call(_kill_lingering, targets, stop_began, set(CHILDREN.managed))
                 for pid in done:
                     killed.append(pid)
                     log.warning("vram.sigkill", model=model_id, pid=pid, mib=_mib(verdict.lingering.get(pid)))
@@ -894,6 +895,7 @@ class VramVerifier:
         started_at: float | None,
         others: list[tuple[int | None, list[int], float | None]],
         other_started: list[float | None],
+        managed: set[int],
         look_for_orphans: bool,
     ) -> tuple[Snapshot, dict[int, float]]:
         snap = self.nvml.read()
@@ -909,7 +911,7 @@ class VramVerifier:
                     started_at=started_at,
                     other_pids=other_pids,
                     other_started=other_started,
-                    managed=set(CHILDREN.managed),
+                    managed=managed,
                 )
         return snap, orphans
 
@@ -1056,7 +1058,9 @@ def _proc_name(pid: int) -> str | None:
         return None
 
 
-def _kill_lingering(targets: Mapping[int, float | None], created_before: float) -> tuple[list[int], dict[int, str]]:
+def _kill_lingering(
+    targets: Mapping[int, float | None], created_before: float, managed: set[int]
+) -> tuple[list[int], dict[int, str]]:
     """SIGKILL the model's processes that still hold GPU memory after its stop."""
     done: list[int] = []
     failed: dict[int, str] = {}
@@ -1076,7 +1080,7 @@ def _kill_lingering(targets: Mapping[int, float | None], created_before: float) 
         done.append(pid)
     # Reap what we killed if it became our child (re-parented to swapd, the
     # subreaper), unless asyncio owns it; the SIGCHLD handler does the same.
-    pending = [p for p in done if p not in CHILDREN.managed]
+    pending = [p for p in done if p not in managed]
     for _ in range(50):
         pending = [p for p in pending if _unreaped_child(p)]
         if not pending:
