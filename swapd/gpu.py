@@ -511,22 +511,27 @@ class Baseline:
     mode: str  # "pids": NVML's pids are ours; "memory_only": they are not visible here
     used: dict[int, float]  # device -> used MiB
     held: dict[int, float]  # device -> MiB the model held (attributed, or estimated)
-    others: dict[int, float] | None  # device -> MiB of every other listed process (pids mode)
+    others: dict[int, float | None] | None  # device -> MiB of every other listed process (pids mode)
     pids: tuple[int, ...] = ()  # the model's pids NVML listed
 
 
 def make_baseline(snapshot: Snapshot, tree: Iterable[int], mode: str, estimate: Mapping[int, float] | None = None) -> Baseline:
-    """The baseline for a stop: by pid in ``pids`` mode, from ``estimate`` otherwise."""
+    """The baseline for a stop: by pid in ``pids`` mode, from ``estimate`` otherwise
+    (and for a device whose processes NVML cannot list)."""
     used = {dev.index: dev.used_mib for dev in snapshot.devices}
     if mode == "memory_only":
         held = {d: max(0.0, mib) for d, mib in (estimate or {}).items() if d in used}
         return Baseline(mode, used, held, None)
     tree = set(tree)
     held: dict[int, float] = {}
-    others: dict[int, float] = {}
+    others: dict[int, float | None] = {}
     pids = []
     for dev in snapshot.devices:
-        mine = [p for p in dev.processes or () if p.pid in tree]
+        if dev.processes is None:
+            held[dev.index] = max(0.0, (estimate or {}).get(dev.index, 0.0))
+            others[dev.index] = None
+            continue
+        mine = [p for p in dev.processes if p.pid in tree]
         held[dev.index] = sum(p.used_mib or 0.0 for p in mine)
         others[dev.index] = sum(p.used_mib or 0.0 for p in dev.processes or () if p.pid not in tree)
         pids.extend(p.pid for p in mine)
@@ -572,9 +577,10 @@ def judge(baseline: Baseline, snapshot: Snapshot, tree: Iterable[int] = ()) -> V
             devices[index] = {"held_mib": held, "recovered_mib": 0.0}
             continue
         fall = baseline.used.get(index, dev.used_mib) - dev.used_mib
-        if baseline.others is not None and dev.processes is not None:
+        others_before = baseline.others.get(index) if baseline.others is not None else None
+        if others_before is not None and dev.processes is not None:
             others_now = sum(p.used_mib or 0.0 for p in dev.processes if p.pid not in tree)
-            fall += others_now - baseline.others.get(index, 0.0)
+            fall += others_now - others_before
         recovered = min(max(fall, 0.0), held)
         recovered_total += recovered
         remaining_total += held - recovered
@@ -777,7 +783,7 @@ class VramVerifier:
             self._record(model_id, reason, "unavailable", detail=f"NVML read failed: {exc}", stop_seconds=report.seconds)
             return report
         estimate = None
-        if self.pid_mode == "memory_only":
+        if self.pid_mode == "memory_only" or any(d.processes is None for d in snapshot.devices):
             estimate = memory_only_estimate(model_id, self._starts, {d.index: d.used_mib for d in snapshot.devices})
 
         report = await do_stop()

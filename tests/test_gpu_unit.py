@@ -83,6 +83,15 @@ def test_baseline_by_pid():
     assert b == Baseline("pids", {0: 3000.0}, {0: 1000.0}, {0: 500.0}, (1,))
 
 
+def test_baseline_estimates_a_device_whose_processes_cannot_be_listed():
+    s = snap(dev(3000, [(1, 1000)]), dev(5000, index=1, listed=False))
+    b = make_baseline(s, {1}, "pids", estimate={1: 2000.0})
+    assert b.held == {0: 1000.0, 1: 2000.0} and b.others == {0: 0.0, 1: None}
+    after = snap(dev(2000, []), dev(3100, index=1, listed=False))
+    assert judge(b, after, {1}).freed  # 1900 of 2000 back on GPU 1
+    assert not judge(b, snap(dev(2000, []), dev(3300, index=1, listed=False)), {1}).freed
+
+
 BASE = Baseline("pids", {0: 3000.0}, {0: 1000.0}, {0: 500.0}, (1,))
 
 
