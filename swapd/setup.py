@@ -568,7 +568,7 @@ models:
     cmd: |
       {q(str(server))}
         --host 127.0.0.1 --port ${{PORT}}
-        --model {q(str(model))}
+        --model {q(str(model))} --alias {QUICKSTART_MODEL_ID}
         --ctx-size 4096 --parallel 2
     proxy: http://127.0.0.1:${{PORT}}
     aliases: [smollm2-135m]

@@ -181,4 +181,6 @@ def test_setup_is_cached_and_its_config_serves_the_model(swapd, llama, tmp_path)
     assert status == 200
     tokens, _ = _content(events)
     assert tokens and events[-1][1] == "[DONE]"
-    assert s.chat("smollm2-135m", max_tokens=4).status == 200  # the alias
+    r = s.chat("smollm2-135m", max_tokens=4)  # swapd's alias for it
+    assert r.status == 200
+    assert "gguf" not in r.json()["model"], "llama-server answers with the --alias name, not the file path"
