@@ -68,7 +68,7 @@ else
     rm -rf .venv-litellm
     python3 -m venv .venv-litellm || warn "python3 -m venv .venv-litellm failed"
     # one line per package as pip fetches it, as progress
-    { .venv-litellm/bin/pip install --disable-pip-version-check --progress-bar off \
+    { PYTHONUNBUFFERED=1 .venv-litellm/bin/pip install --disable-pip-version-check --progress-bar off \
         "litellm[proxy]==${LITELLM_VERSION}" 2>&1 || true; } \
         | grep --line-buffered -E '^(Collecting|Successfully installed|ERROR)' | cut -c1-160 || true
     [ -x .venv-litellm/bin/litellm ] || warn "LiteLLM did not install; its tests will try again, then skip"
