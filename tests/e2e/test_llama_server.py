@@ -184,3 +184,31 @@ def test_setup_is_cached_and_its_config_serves_the_model(swapd, llama, tmp_path)
     r = s.chat("smollm2-135m", max_tokens=4)  # swapd's alias for it
     assert r.status == 200
     assert "gguf" not in r.json()["model"], "llama-server answers with the --alias name, not the file path"
+
+
+def test_client_disconnect_stops_llama_server_generating(swapd, llama):
+    """Closing the client connection mid-stream frees llama-server's slot at once."""
+    import socket
+
+    # One slot with room for 4000 tokens: tens of seconds of generation if nothing stops it.
+    two = swapd({"smol": llama_entry(llama, ctx=4200, parallel=1)}, healthCheckTimeout=LOAD_TIMEOUT)
+    two.chat("smol", max_tokens=1)
+
+    def busy():
+        return [slot["id"] for slot in two.get("/upstream/smol/slots").json() if slot["is_processing"]]
+
+    sock = socket.create_connection(("127.0.0.1", two.port))
+    body = json.dumps({"model": "smol", "stream": True, "max_tokens": 4000, "ignore_eos": True,
+                       "messages": [{"role": "user", "content": "Count to ten thousand."}]}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    got = b""
+    while got.count(b"data: ") < 5:
+        got += sock.recv(4096)
+    assert busy(), "the slot is generating while the client reads"
+    sock.close()
+    t_closed = time.monotonic()
+    wait_until(lambda: not busy(), timeout=10, interval=0.05, message="llama-server to stop generating")
+    # 4000 tokens take far longer; the slot must be freed within a moment.
+    assert time.monotonic() - t_closed < 5
+    assert wait_until(lambda: two.running()["smol"]["in_flight"] == 0, timeout=5)
