@@ -662,8 +662,8 @@ class VramVerifier:
     async def open(self) -> None:
         try:
             self.nvml = await Nvml.open()
-        except NvmlUnavailable as exc:
-            self.unavailable_reason = str(exc)
+        except Exception as exc:  # NvmlUnavailable, or a library that misbehaves
+            self.unavailable_reason = str(exc) if isinstance(exc, NvmlUnavailable) else f"NVML failed: {exc!r}"
             log.info(
                 "gpu.unavailable",
                 reason=self.unavailable_reason,
