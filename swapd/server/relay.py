@@ -36,6 +36,19 @@ _HOP_BY_HOP = frozenset(
 _RESPONSE_DROP = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Trailer", "Upgrade"))
 
 
+class _CoalescedResponse(web.StreamResponse):
+    """A relayed response whose length the backend declared (a whole JSON answer).
+
+    Its status line and headers leave in the same write as the first body
+    bytes (as ``web.Response`` does) instead of in a write of their own: one
+    send and one client wake-up fewer per request. Streams (event streams,
+    chunked bodies) keep ``web.StreamResponse``, whose headers go out at
+    once, so a client sees the status before the first token.
+    """
+
+    _send_headers_immediately = False
+
+
 class UpstreamError(Exception):
     """The backend could not be reached or broke before answering."""
 
@@ -104,13 +117,16 @@ async def relay(
     clean = False
     request["swapd.status"] = upstream.status
     try:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        content_type = upstream.headers.get("Content-Type", "")
+        event_stream = content_type.startswith("text/event-stream")
+        whole = not event_stream and "Content-Length" in upstream.headers
+        cls = _CoalescedResponse if whole else web.StreamResponse
+        response = cls(status=upstream.status, reason=upstream.reason)
         out = response.headers
         for name, value in upstream.headers.items():
             if name.lower() not in _RESPONSE_DROP:
                 out.add(name, value)
-        content_type = upstream.headers.get("Content-Type", "")
-        if content_type.startswith("text/event-stream"):
+        if event_stream:
             out["X-Accel-Buffering"] = "no"
             out.setdefault("Cache-Control", "no-cache")
         await response.prepare(request)
@@ -121,7 +137,7 @@ async def relay(
             # The backend died mid-response. The status line is gone already,
             # so tell a streaming client in-band, then cut the connection so
             # no client mistakes a truncated body for a complete one.
-            if content_type.startswith("text/event-stream"):
+            if event_stream:
                 event = {"error": {"message": f"model {model_id}: backend failed mid-stream: {exc}",
                                    "type": "server_error", "code": "backend_failed"}}
                 try:

@@ -250,7 +250,13 @@ async def forward_peer(
 
 async def handle_json_model(request: web.Request) -> web.StreamResponse:
     limits = request.app[RUNTIME].config.client_limits
-    body = await read_body(request, limits.body_idle_timeout, limits.max_body_bytes)
+    content = request.content
+    if content.is_eof() and content.total_bytes <= limits.max_body_bytes:
+        # The whole body came with the headers (the usual small JSON request):
+        # take it as is, without read_body's per-chunk idle timers.
+        body = content.read_nowait()
+    else:
+        body = await read_body(request, limits.body_idle_timeout, limits.max_body_bytes)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
