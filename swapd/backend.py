@@ -15,6 +15,7 @@ import shlex
 import signal
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -88,6 +89,34 @@ class ChildRegistry:
         self.managed: set[int] = set()
         self.spawning = 0
         self.guardian: Guardian | None = None
+        self.backends: weakref.WeakSet[Backend] = weakref.WeakSet()
+
+    def claim_orphans(self, stopping: Backend) -> None:
+        """Give ``stopping`` the orphans re-parented to swapd that only it could own.
+
+        An orphan belongs to a backend if it was created while that backend
+        ran; when another live backend could also have created it, it is left
+        alone rather than killed on a guess.
+        """
+        if stopping.started_at is None:
+            return
+        others = [b for b in self.backends if b is not stopping and b.state is not State.STOPPED]
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:  # pragma: no cover
+            return
+        for child in children:
+            if child.pid in self.managed:
+                continue
+            try:
+                ctime = child.create_time()
+            except psutil.Error:
+                continue
+            if ctime < stopping.started_at - 1:
+                continue
+            if any(b.started_at is not None and ctime >= b.started_at - 1 for b in others):
+                continue
+            stopping.claim(child.pid, ctime)
 
     def ensure_guardian(self) -> Guardian | None:
         """Start the watchdog that kills our backends if swapd is SIGKILLed (once)."""
@@ -230,6 +259,7 @@ class Backend:
         on_exit: Callable[[Backend, int | None], None] | None = None,
         on_state: Callable[[Backend, State, State], None] | None = None,
     ) -> None:
+        CHILDREN.backends.add(self)
         self.model = model
         self.next_model: ModelConfig | None = None  # set by a reload; used from the next start
         self.state = State.STOPPED
@@ -396,16 +426,51 @@ class Backend:
         self._recent.append(text)
         self._logs.append(self.id, stream, text)
 
+    async def _wait_exit(self, proc: asyncio.subprocess.Process) -> int | None:
+        """The root's exit code, as soon as it exits.
+
+        asyncio's ``Process.wait()`` also waits for the stdout and stderr pipes
+        to close, and an orphaned grandchild can hold them open indefinitely,
+        so the exit itself is watched through a pidfd.
+        """
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # no pidfd (old kernel), or already reaped
+            return await proc.wait()
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        waiter = asyncio.ensure_future(proc.wait())
+        try:
+            try:
+                await asyncio.wait({exited, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+            if waiter.done():
+                return waiter.result()
+            # The child watcher reaps it and records the code within moments.
+            for _ in range(400):
+                if proc.returncode is not None:
+                    break
+                await asyncio.sleep(0.005)
+            return proc.returncode
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
         """Notice the root process exiting, expected or not."""
-        next_snapshot = time.monotonic() + _TRACK_INTERVAL
-        while True:
-            try:
-                code = await asyncio.wait_for(proc.wait(), timeout=max(0.0, next_snapshot - time.monotonic()))
-                break
-            except TimeoutError:
+        exit_task = asyncio.ensure_future(self._wait_exit(proc))
+        try:
+            while True:
+                done, _ = await asyncio.wait({exit_task}, timeout=_TRACK_INTERVAL)
+                if done:
+                    code = exit_task.result()
+                    break
                 self._snapshot_tree()
-                next_snapshot = time.monotonic() + _TRACK_INTERVAL
+        finally:
+            exit_task.cancel()
         CHILDREN.managed.discard(proc.pid)
         self.last_exit_code = code
         self._exited.set()
@@ -419,6 +484,7 @@ class Backend:
                 log.error("backend.crashed", model=self.id, pid=proc.pid, exit_code=code, tail=self.tail()[-5:])
                 self.last_error = f"model {self.id} exited unexpectedly with code {code}"
                 self._set_state(State.STOPPING)
+                CHILDREN.claim_orphans(self)
                 await self._kill_tree(list(self._live_tracked().items()), reason="crash", grace=0.0)
                 self._finish_stop()
         if crashed and self._on_exit is not None:
@@ -512,7 +578,7 @@ class Backend:
             self._tracked[pid] = ctime
             CHILDREN.track(pid)
 
-    async def stop(self, reason: str, claim_orphans: Callable[[Backend], None] | None = None) -> StopReport:
+    async def stop(self, reason: str) -> StopReport:
         """Stop the whole process tree; return what was stopped and how.
 
         Safe to call in any state and from several callers: later callers wait
@@ -525,8 +591,7 @@ class Backend:
             self._stopping_by_us = True
             self._set_state(State.STOPPING)
             self._snapshot_tree()
-            if claim_orphans is not None:
-                claim_orphans(self)
+            CHILDREN.claim_orphans(self)
             root = self._proc.pid
             pids = sorted(self._tracked)
             forced, survivors = await self._terminate(reason)

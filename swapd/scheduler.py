@@ -22,8 +22,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-import psutil
-
 from swapd.backend import CHILDREN, Backend, StartError, State, StopReport
 from swapd.config import Config
 from swapd.logging import get_logger
@@ -427,7 +425,7 @@ class Scheduler:
         backend = self.backends[model_id]
 
         def do_stop() -> Awaitable[StopReport]:
-            return backend.stop(reason, claim_orphans=self._claim_orphans)
+            return backend.stop(reason)
 
         if self.stop_guard is not None and backend.state is not State.STOPPED:
             report = await self.stop_guard(backend, reason, do_stop)
@@ -450,29 +448,3 @@ class Scheduler:
         if timer is not None:
             timer.cancel()
         self._drain()
-
-    def _claim_orphans(self, stopping: Backend) -> None:
-        """Give ``stopping`` the orphans re-parented to swapd that only it could own.
-
-        An orphan belongs to a backend if it was created while that backend
-        ran; when another live backend could also have created it, it is left
-        alone rather than killed on a guess.
-        """
-        roots = set(CHILDREN.managed)
-        others = [b for b in self.backends.values() if b is not stopping and b.state is not State.STOPPED]
-        try:
-            children = psutil.Process().children()
-        except psutil.Error:  # pragma: no cover
-            return
-        for child in children:
-            if child.pid in roots:
-                continue
-            try:
-                ctime = child.create_time()
-            except psutil.Error:
-                continue
-            if stopping.started_at is None or ctime < stopping.started_at - 1:
-                continue
-            if any(b.started_at is not None and ctime >= b.started_at - 1 for b in others):
-                continue
-            stopping.claim(child.pid, ctime)

@@ -382,3 +382,16 @@ def test_backend_environment_is_parent_plus_config_only(swapd):
     assert env["FROM_CONFIG"] == "yes"
     extra = set(env) - set(parent) - {"FROM_CONFIG", "SWAPD_TEST_TAG"}
     assert not extra, f"swapd leaked its own variables into the backend: {extra}"
+
+
+def test_crash_is_noticed_at_once_while_an_orphan_holds_the_pipes(swapd):
+    """asyncio's Process.wait() waits for stdout to close; swapd must not."""
+    s = swapd({"m1": model("--fork-child", "--exit-after", "1.0")})
+    s.chat("m1")
+    t_ready = time.monotonic()
+    wait_until(lambda: "m1" not in s.running(), timeout=10, message="crash noticed")
+    # exit after 1 s; noticed well before the 5 s tree snapshot would have
+    assert time.monotonic() - t_ready < 3.5
+    crashed = _events(s, "backend.crashed")[0]
+    assert crashed["exit_code"] == 4
+    assert wait_until(lambda: not tagged_processes(s.tag), timeout=5), "the orphan went with it"
