@@ -75,6 +75,7 @@ class Runtime:
         self.session: aiohttp.ClientSession | None = None
         self.backends: dict[str, Backend] = {}
         self.scheduler: Scheduler | None = None
+        self.gpu = None  # swapd.gpu's verifier, set by gpu_api.install when the app starts
 
     def new_backend(self, mc: ModelConfig) -> Backend:
         return Backend(
