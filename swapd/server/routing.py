@@ -22,7 +22,7 @@ from swapd.scheduler import SchedulerError
 from swapd.server.errors import ClientError
 from swapd.server.keys import RUNTIME
 from swapd.server.relay import UpstreamError, relay
-from swapd.server.slowclient import check_declared_length, read_body, stream_body
+from swapd.server.slowclient import check_declared_length, next_chunk, read_body, stream_body
 
 log = get_logger("swapd.server")
 
@@ -181,53 +181,40 @@ async def forward_local(
         raise
     if loader is not None:
         await loader.finish()
-    t_ready = time.monotonic()
-    outcome = "client_disconnected"
     backend_model = lease.backend.model
     try:
-        response = await relay(
+        return await _relay_logged(
             request,
-            rt.session,
             backend_model.proxy.rstrip("/") + path_qs,
             body,
             model.id,
+            t0,
+            {"model": model.id, "wait_s": round(time.monotonic() - t0, 4)},
             prepared=loader.response if loader is not None else None,
             timeouts=backend_model.timeouts,
             content_length=content_length,
         )
-        outcome = response.get("swapd.error", "ok")
-        return response
-    except UpstreamError as exc:
-        outcome = str(exc)
-        raise
     finally:
         lease.release()
-        log.info(
-            "request",
-            model=model.id,
-            method=request.method,
-            path=request.path,
-            status=request.get("swapd.status", 502 if outcome != "client_disconnected" else 499),
-            outcome=outcome,
-            wait_s=round(t_ready - t0, 4),
-            total_s=round(time.monotonic() - t0, 4),
-        )
 
 
 async def forward_peer(
     request: web.Request, peer: PeerConfig, path_qs: str, body, *, content_length: int | None = None
 ) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
     headers = None
     if peer.api_key:
         headers = {"Authorization": f"Bearer {peer.api_key}", "x-api-key": peer.api_key}
-    t0 = time.monotonic()
+    return await _relay_logged(
+        request, peer.proxy + path_qs, body, f"{peer.id} (peer)", time.monotonic(), {"peer": peer.id},
+        extra_headers=headers, content_length=content_length,
+    )
+
+
+async def _relay_logged(request: web.Request, url: str, body, label: str, t0: float, fields: dict, **relay_kw):
+    """Relay, then log one ``request`` line with its outcome, however it ended."""
     outcome = "client_disconnected"
     try:
-        response = await relay(
-            request, rt.session, peer.proxy + path_qs, body, f"{peer.id} (peer)",
-            extra_headers=headers, content_length=content_length,
-        )
+        response = await relay(request, request.app[RUNTIME].session, url, body, label, **relay_kw)
         outcome = response.get("swapd.error", "ok")
         return response
     except UpstreamError as exc:
@@ -236,7 +223,7 @@ async def forward_peer(
     finally:
         log.info(
             "request",
-            peer=peer.id,
+            **fields,
             method=request.method,
             path=request.path,
             status=request.get("swapd.status", 502 if outcome != "client_disconnected" else 499),
@@ -348,11 +335,7 @@ async def handle_multipart_model(request: web.Request) -> web.StreamResponse:
     sniffer = FormFieldSniffer(boundary, b"model")
     span = None
     while span is None:
-        try:
-            async with asyncio.timeout(limits.body_idle_timeout):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            raise ClientError(408, f"request body stalled for {limits.body_idle_timeout:g}s", "request_timeout") from None
+        chunk = await next_chunk(request, limits.body_idle_timeout)
         if not chunk:
             break
         buf += chunk

@@ -82,20 +82,24 @@ def guarded_factory(factory, header_timeout: float):
     return make
 
 
+async def next_chunk(request, idle_timeout: float) -> bytes:
+    """The next piece of a request body (b"" at its end); 408 if the client stalls."""
+    from swapd.server.errors import ClientError
+
+    try:
+        async with asyncio.timeout(idle_timeout):
+            return await request.content.readany()
+    except TimeoutError:
+        raise ClientError(408, f"request body stalled for {idle_timeout:g}s", "request_timeout") from None
+
+
 async def read_body(request, idle_timeout: float, limit: int) -> bytearray:
     """Read a whole request body, failing if the client stalls or sends too much."""
     from swapd.server.errors import ClientError
 
     check_declared_length(request, limit)
     body = bytearray()  # one buffer, no join: a 100 MB body is held once
-    while True:
-        try:
-            async with asyncio.timeout(idle_timeout):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            raise ClientError(408, f"request body stalled for {idle_timeout:g}s", "request_timeout") from None
-        if not chunk:
-            break
+    while chunk := await next_chunk(request, idle_timeout):
         body += chunk
         if len(body) > limit:
             raise ClientError(413, f"request body too large (limit {limit} bytes)", "request_too_large")
@@ -111,12 +115,13 @@ async def stream_body(request, idle_timeout: float, limit: int, prefix: bytes | 
     size = len(prefix)
     if prefix:
         yield prefix
+    from swapd.server.errors import ClientError
+
     while True:
         try:
-            async with asyncio.timeout(idle_timeout):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            raise ConnectionAbortedError(f"request body stalled for {idle_timeout:g}s") from None
+            chunk = await next_chunk(request, idle_timeout)
+        except ClientError as exc:  # mid-upload there is no response to send: abort it
+            raise ConnectionAbortedError(exc.message) from None
         if not chunk:
             return
         size += len(chunk)
