@@ -337,8 +337,10 @@ class Backend:
             await self._teardown("start failed")
             raise
         self.ready_at = time.time()
-        self._snapshot_tree()
         self._set_state(State.READY)
+        # The tree walk reads all of /proc (several ms): let the waiting
+        # requests go first. stop() takes its own snapshot anyway.
+        asyncio.get_running_loop().call_soon(self._snapshot_tree)
         log.info("backend.ready", model=self.id, pid=self.pid, seconds=round(time.monotonic() - t0, 3))
 
     def _check_port_free(self) -> None:

@@ -39,10 +39,14 @@ class HeaderDeadline(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._timer is None and self._between_requests():
-            self._timer = self._loop.call_later(self._timeout, self._expire)
-            self._tail = b""
-        if self._timer is not None:
+        if self._timer is None:
+            if self._between_requests():
+                if b"\r\n\r\n" in data:
+                    self._first = False  # the usual case: all headers in one read, nothing to guard
+                else:
+                    self._tail = data[-3:]
+                    self._timer = self._loop.call_later(self._timeout, self._expire)
+        else:
             window = self._tail + data
             if b"\r\n\r\n" in window:
                 self._timer.cancel()
