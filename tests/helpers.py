@@ -192,10 +192,28 @@ def write_config(path: Path, models: dict, tag: str, **top) -> Path:
     return path
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port_range(n: int = 20) -> int:
-    """A start port whose next ``n`` ports are free right now (best effort)."""
+    """A start port whose next ``n`` ports are free right now (best effort).
+
+    Chosen below the kernel's ephemeral range: the tests' own client
+    connections take ephemeral ports, and one of those landing on a model's
+    port would make its backend fail to bind (swapd then rightly reports the
+    port as taken).
+    """
+    import random
+
+    low, _ = _ephemeral_range()
+    rng = random.Random()
     for _ in range(200):
-        base = free_port()
+        base = rng.randrange(10000, max(10001, low - n - 1))
         if base + n >= 65535:
             continue
         ok = True
