@@ -282,3 +282,32 @@ def start_swapd(
 
     wait_until(healthy, timeout=20, message="swapd /health")
     return swapd
+
+
+def backend_stats(port: int) -> dict:
+    """The fake backend's /x/stats counters (streams started, cancelled, in flight)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/x/stats")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def stream_then_hang_up(port: int, model_id: str, chunks: int = 3) -> float:
+    """Start a streaming chat on ``port``, read ``chunks`` events, close the socket.
+
+    Raw socket, so the close is an abrupt hang-up; returns when it happened.
+    """
+    sock = socket.create_connection(("127.0.0.1", port))
+    body = json.dumps({"model": model_id, "stream": True, "messages": []}).encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    got = b""
+    while got.count(b"data: ") < chunks:
+        got += sock.recv(4096)
+    sock.close()
+    return time.monotonic()

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -15,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from helpers import PY, ROOT, model, tagged_processes, wait_until
+from helpers import PY, ROOT, backend_stats, model, stream_then_hang_up, tagged_processes, wait_until
 
 
 def _events(s, name):
@@ -132,25 +131,11 @@ def test_stream_chunks_arrive_as_emitted(swapd):
 def test_client_disconnect_closes_upstream_at_once(swapd):
     s = swapd({"m1": model("--chunks", "400", "--interval", "0.05")})
     s.chat("m1")  # warm
-    sock = socket.create_connection(("127.0.0.1", s.port))
-    body = json.dumps({"model": "m1", "stream": True, "messages": []}).encode()
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    got = b""
-    while got.count(b"data: ") < 3:
-        got += sock.recv(4096)
-    sock.close()
-    t_closed = time.monotonic()
+    t_closed = stream_then_hang_up(s.port, "m1")
     backend_port = int(s.running()["m1"]["proxy"].rsplit(":", 1)[1])
 
     def cancelled():
-        conn = http.client.HTTPConnection("127.0.0.1", backend_port, timeout=2)
-        conn.request("GET", "/x/stats")
-        stats = json.loads(conn.getresponse().read())
-        conn.close()
+        stats = backend_stats(backend_port)
         return stats["streams_cancelled"] == 1 and stats["in_flight"] == 0
 
     wait_until(cancelled, timeout=5, message="the backend to see the stream cancelled")

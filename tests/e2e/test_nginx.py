@@ -11,14 +11,13 @@ import hashlib
 import http.client
 import json
 import os
-import socket
 import subprocess
 import time
 
 import pytest
 
 from e2e_util import http_wait, stop_process
-from helpers import ROOT, free_port, model, wait_until
+from helpers import ROOT, backend_stats, free_port, model, stream_then_hang_up, wait_until
 
 SNIPPET = ROOT / "packaging" / "nginx" / "swapd.conf"
 
@@ -169,25 +168,10 @@ def test_client_disconnect_through_nginx_cancels_generation(stack):
     backend_port = int(s.running()["long"]["proxy"].rsplit(":", 1)[1])
 
     def stats():
-        conn = http.client.HTTPConnection("127.0.0.1", backend_port, timeout=2)
-        conn.request("GET", "/x/stats")
-        doc = json.loads(conn.getresponse().read())
-        conn.close()
-        return doc
+        return backend_stats(backend_port)
 
     before = stats()["streams_cancelled"]
-    sock = socket.create_connection(("127.0.0.1", port))
-    body = json.dumps({"model": "long", "stream": True, "messages": []}).encode()
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    got = b""
-    while got.count(b"data: ") < 3:
-        got += sock.recv(4096)
-    sock.close()
-    t_closed = time.monotonic()
+    t_closed = stream_then_hang_up(port, "long")
     wait_until(lambda: stats()["streams_cancelled"] == before + 1 and stats()["in_flight"] == 0, timeout=5,
                message="the backend to see the stream cancelled through nginx")
     # 400 chunks at 50 ms would run 20 s; nginx must pass the hang-up on at once.
