@@ -71,7 +71,9 @@ class FakeBackend:
             "streams_cancelled": 0,
             "requests": 0,
             "in_flight": 0,
+            "connections": 0,  # distinct client connections seen (keep-alive reuse shows here)
         }
+        self._peers: set = set()
 
     # -- plumbing -------------------------------------------------------------
 
@@ -100,6 +102,11 @@ class FakeBackend:
         stats = self.stats
         stats["requests"] += 1
         stats["in_flight"] += 1
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if peer is not None and peer not in self._peers:
+            self._peers.add(peer)
+            stats["connections"] = len(self._peers)
         if not self.quiet:
             _out(f"fake_backend: request {request.method} {request.path}")
         key = self.args.api_key
