@@ -27,6 +27,7 @@ from swapd.server.routing import (
     handle_upstream,
 )
 from swapd.server.relay import UpstreamError
+from swapd.server.upstream import UpstreamPool
 
 log = get_logger("swapd.server")
 
@@ -72,7 +73,8 @@ class Runtime:
         self.events = observe.EventHub(lambda: observe.model_status(self))
         self.upstream_echo = observe.UpstreamEcho()  # logToStdout: upstream|both
         self.logs.listeners += [self.events.on_log_line, self.upstream_echo]
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # https backends and peers, https health checks
+        self.pool = UpstreamPool()  # plain-http backends and peers: the hot path
         self.backends: dict[str, Backend] = {}
         self.scheduler: Scheduler | None = None
         self.gpu = None  # swapd.gpu's verifier, set by gpu_api.install when the app starts
@@ -326,6 +328,7 @@ def create_app(config: Config) -> web.Application:
             preload.cancel()
             await asyncio.gather(preload, return_exceptions=True)
         await rt.scheduler.close()
+        await rt.pool.close()
         await rt.session.close()
 
     app.cleanup_ctx.append(lifecycle)

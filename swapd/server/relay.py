@@ -16,6 +16,18 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from swapd.config import Timeouts
+from swapd.server.upstream import (
+    SINK_FULL,
+    SINK_GONE,
+    ClientGone,
+    UpstreamBroken,
+    UpstreamFault,
+    UpstreamPool,
+    UpstreamResponse,
+)
+
+# aiohttp's session used 30 s; a model's timeouts.connect overrides it
+DEFAULT_CONNECT_TIMEOUT = 30.0
 
 # RFC 9110 §7.6.1 connection-specific headers, plus the ones aiohttp sets itself.
 _HOP_BY_HOP = frozenset(
@@ -31,6 +43,7 @@ _HOP_BY_HOP = frozenset(
         "Upgrade",
         "Host",
         "Content-Length",
+        "Expect",  # aiohttp already answered 100-continue to the client
     )
 )
 _RESPONSE_DROP = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Trailer", "Upgrade"))
@@ -74,8 +87,75 @@ def forward_headers(request: web.Request) -> CIMultiDict:
     return headers
 
 
+class _AiohttpUpstream:
+    """An aiohttp response behind the same interface as upstream.UpstreamResponse (https backends and peers)."""
+
+    __slots__ = ("_resp", "status", "reason", "headers")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.reason = resp.reason or ""
+        self.headers = resp.headers
+
+    async def read_chunk(self) -> bytes:
+        try:
+            return await self._resp.content.readany()
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise UpstreamBroken(str(exc)) from exc
+
+    async def read(self, limit: int | None = None) -> bytes:
+        parts, size = [], 0
+        while chunk := await self.read_chunk():
+            parts.append(chunk)
+            size += len(chunk)
+            if limit is not None and size >= limit:
+                break
+        return b"".join(parts)
+
+    def release(self) -> None:
+        self._resp.release()
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+def _client_sink(request: web.Request, response: web.StreamResponse):
+    """A sink for UpstreamResponse.splice: body bytes go to the client's socket as they arrive.
+
+    The response's headers are already out. aiohttp chose the framing in
+    ``prepare``: chunked for HTTP/1.1 (each piece becomes one chunk here, and
+    ``write_eof`` sends the last chunk), raw until close for HTTP/1.0.
+    """
+    transport = request.transport
+    high = transport.get_write_buffer_limits()[1]
+    chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+    def sink(data: bytes) -> int:
+        if transport.is_closing():
+            return SINK_GONE
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+        return SINK_FULL if transport.get_write_buffer_size() > high else 0
+
+    return sink
+
+
+async def _open(rt_pool: UpstreamPool, session: aiohttp.ClientSession, request: web.Request, url: str, body,
+                headers: CIMultiDict, content_length: int | None, connect_timeout: float | None):
+    if url.startswith("http://"):
+        return await rt_pool.request(request.method, url, headers, body, content_length=content_length,
+                                     connect_timeout=connect_timeout)
+    if content_length is not None:
+        headers["Content-Length"] = str(content_length)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout) if connect_timeout else None
+    resp = await session.request(request.method, url, data=body, headers=headers, allow_redirects=False,
+                                 timeout=timeout)
+    return _AiohttpUpstream(resp)
+
+
 async def relay(
     request: web.Request,
+    pool: UpstreamPool,
     session: aiohttp.ClientSession,
     url: str,
     body,
@@ -94,36 +174,30 @@ async def relay(
     headers = forward_headers(request)
     if extra_headers:
         headers.update(extra_headers)
-    if content_length is not None:
-        headers["Content-Length"] = str(content_length)
-    timeout = None
-    if timeouts is not None and timeouts.connect:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
-    call = session.request(request.method, url, data=body, headers=headers, allow_redirects=False, timeout=timeout)
+    connect_timeout = timeouts.connect if timeouts is not None and timeouts.connect else DEFAULT_CONNECT_TIMEOUT
+    header_timeout = timeouts.response_header if timeouts is not None and timeouts.response_header else None
     try:
-        if timeouts is not None and timeouts.response_header:
-            async with asyncio.timeout(timeouts.response_header):
-                upstream = await call
-        else:
-            upstream = await call
+        async with asyncio.timeout(header_timeout):
+            upstream = await _open(pool, session, request, url, body, headers, content_length, connect_timeout)
     except TimeoutError as exc:
         raise UpstreamError(504, f"model {model_id}: backend did not answer in time (timeouts)") from exc
-    except (aiohttp.ClientError, OSError) as exc:
+    except (UpstreamFault, aiohttp.ClientError, OSError) as exc:
         raise UpstreamError(502, f"model {model_id}: backend unreachable: {exc}") from exc
     if prepared is not None:
         request["swapd.status"] = prepared.status
-        return await _relay_into(prepared, upstream, model_id)
+        return await _relay_into(request, prepared, upstream, model_id)
 
     clean = False
     request["swapd.status"] = upstream.status
     try:
-        content_type = upstream.headers.get("Content-Type", "")
+        upstream_headers = upstream.headers
+        content_type = upstream_headers.get("Content-Type", "")
         event_stream = content_type.startswith("text/event-stream")
-        whole = not event_stream and "Content-Length" in upstream.headers
+        whole = not event_stream and "Content-Length" in upstream_headers
         cls = _CoalescedResponse if whole else web.StreamResponse
-        response = cls(status=upstream.status, reason=upstream.reason)
+        response = cls(status=upstream.status, reason=upstream.reason or None)
         out = response.headers
-        for name, value in upstream.headers.items():
+        for name, value in upstream_headers.items():
             if name.lower() not in _RESPONSE_DROP:
                 out.add(name, value)
         if event_stream:
@@ -131,9 +205,17 @@ async def relay(
             out.setdefault("Cache-Control", "no-cache")
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if not whole and isinstance(upstream, UpstreamResponse) and request.transport is not None:
+                await upstream.splice(_client_sink(request, response), request.writer.drain)
+            else:
+                read_chunk = upstream.read_chunk
+                write = response.write
+                while chunk := await read_chunk():
+                    await write(chunk)
+        except ClientGone:
+            response["swapd.error"] = "client_disconnected"
+            return response
+        except UpstreamFault as exc:
             # The backend died mid-response. The status line is gone already,
             # so tell a streaming client in-band, then cut the connection so
             # no client mistakes a truncated body for a complete one.
@@ -158,18 +240,33 @@ async def relay(
             upstream.close()
 
 
-async def _relay_into(response: web.StreamResponse, upstream: aiohttp.ClientResponse, model_id: str) -> web.StreamResponse:
+async def _relay_into(request: web.Request, response: web.StreamResponse, upstream, model_id: str) -> web.StreamResponse:
     """Continue an already-started event stream with the backend's body."""
     try:
         if upstream.status != 200:
-            detail = (await upstream.read())[:2000].decode("utf-8", "replace")
+            try:
+                detail = (await upstream.read(2000))[:2000].decode("utf-8", "replace")
+            except UpstreamFault as exc:
+                detail = f"(body unreadable: {exc})"
             event = {"error": {"message": f"model {model_id}: backend answered {upstream.status}: {detail}",
                                "type": "server_error", "code": "backend_error"}}
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             response["swapd.error"] = f"backend answered {upstream.status}"
         else:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            try:
+                while chunk := await upstream.read_chunk():
+                    await response.write(chunk)
+            except UpstreamFault as exc:
+                event = {"error": {"message": f"model {model_id}: backend failed mid-stream: {exc}",
+                                   "type": "server_error", "code": "backend_failed"}}
+                try:
+                    await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                except (ConnectionError, RuntimeError):
+                    pass
+                if request.transport is not None:
+                    request.transport.close()
+                response["swapd.error"] = f"backend failed mid-response: {exc}"
+                return response
         await response.write_eof()
         upstream.release()
         return response

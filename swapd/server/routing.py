@@ -214,7 +214,8 @@ async def _relay_logged(request: web.Request, url: str, body, label: str, t0: fl
     """Relay, then log one ``request`` line with its outcome, however it ended."""
     outcome = "client_disconnected"
     try:
-        response = await relay(request, request.app[RUNTIME].session, url, body, label, **relay_kw)
+        rt = request.app[RUNTIME]
+        response = await relay(request, rt.pool, rt.session, url, body, label, **relay_kw)
         outcome = response.get("swapd.error", "ok")
         return response
     except UpstreamError as exc:

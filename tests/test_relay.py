@@ -1,0 +1,124 @@
+"""The relay through swapd's own upstream client: keep-alive, framing for each kind of client, backpressure."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import psutil
+
+from helpers import backend_stats, model, wait_until
+
+
+def _backend_port(s, model_id: str) -> int:
+    return int(s.running()[model_id]["proxy"].rsplit(":", 1)[1])
+
+
+def _raw_request(port: int, request: bytes, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request)
+    return sock
+
+
+def _chat_request(model_id: str, version: str = "1.1", **extra) -> bytes:
+    """A chat request after which the connection closes (HTTP/1.0 closes by default)."""
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "hi"}], **extra}).encode()
+    close = "Connection: close\r\n" if version == "1.1" else ""
+    return (
+        f"POST /v1/chat/completions HTTP/{version}\r\nHost: x\r\n{close}Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def _read_all(sock: socket.socket, timeout: float = 30) -> bytes:
+    sock.settimeout(timeout)
+    data = bytearray()
+    while chunk := sock.recv(65536):
+        data += chunk
+    return bytes(data)
+
+
+def _dechunk(data: bytes) -> bytes:
+    """Decode a chunked body strictly: any framing error fails the test."""
+    body = bytearray()
+    pos = 0
+    while True:
+        eol = data.index(b"\r\n", pos)
+        size = int(data[pos:eol], 16)
+        pos = eol + 2
+        if size == 0:
+            assert data[pos:] == b"\r\n", data[pos:pos + 100]
+            return bytes(body)
+        body += data[pos:pos + size]
+        assert data[pos + size:pos + size + 2] == b"\r\n"
+        pos += size + 2
+
+
+def test_backend_connections_are_kept_alive(swapd):
+    s = swapd({"m1": model()})
+    assert s.chat("m1").status == 200
+    port = _backend_port(s, "m1")
+    before = backend_stats(port)
+    for _ in range(20):
+        assert s.chat("m1").status == 200
+    for _ in range(5):
+        status, _, events = s.stream("m1")
+        assert status == 200 and events[-1][1] == "[DONE]"
+    after = backend_stats(port)
+    # 25 requests through swapd plus the second stats call
+    assert after["requests"] - before["requests"] == 26
+    # that stats call's own connection, and at most one more: swapd reused its connection
+    assert after["connections"] - before["connections"] <= 2, (before, after)
+
+
+def test_http10_client_gets_the_stream_raw_until_close(swapd):
+    s = swapd({"m1": model("--chunks", "4")})
+    sock = _raw_request(s.port, _chat_request("m1", version="1.0", stream=True))
+    data = _read_all(sock)  # HTTP/1.0 without keep-alive: swapd closes after the body
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0]
+    assert b"transfer-encoding" not in head.lower()
+    events = [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]" and len(events) == 6, body[:500]
+    contents = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert contents[:4] == ["tok0 ", "tok1 ", "tok2 ", "tok3 "]
+
+
+def test_http11_stream_is_valid_chunked_framing(swapd):
+    s = swapd({"m1": model("--chunks", "30")})
+    sock = _raw_request(s.port, _chat_request("m1", stream=True))
+    data = _read_all(sock)
+    sock.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    body = _dechunk(rest)
+    events = [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert len(events) == 32 and events[-1] == b"[DONE]"
+
+
+def test_slow_reader_pauses_the_backend_instead_of_filling_swapd(swapd):
+    """A client that stops reading holds the backend back; swapd does not buffer the stream."""
+    n = 150_000  # about 30 MB of events: more than every socket buffer on the way
+    s = swapd({"m1": model("--quiet")})
+    s.chat("m1")
+    swapd_proc = psutil.Process(s.proc.pid)
+    rss_before = swapd_proc.memory_info().rss
+    sock = _raw_request(s.port, _chat_request("m1", stream=True, max_tokens=n), rcvbuf=256 * 1024)
+    port = _backend_port(s, "m1")
+    wait_until(lambda: backend_stats(port)["streams_started"] == 1, timeout=10, message="the stream to start")
+    time.sleep(3)  # the backend alone would finish in well under this... if it were not held back
+    stats = backend_stats(port)
+    assert stats["streams_completed"] == 0 and stats["in_flight"] == 1, stats
+    grown = swapd_proc.memory_info().rss - rss_before
+    assert grown < 16 * 1024 * 1024, f"swapd grew {grown} bytes while its client was not reading"
+    data = _read_all(sock, timeout=120)
+    sock.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    body = _dechunk(rest)
+    assert body.count(b"data: ") == n + 2 and body.endswith(b"data: [DONE]\n\n")
+    wait_until(lambda: backend_stats(port)["streams_completed"] == 1, timeout=10, message="the stream to complete")
