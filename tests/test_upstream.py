@@ -486,3 +486,48 @@ def test_splice_forwards_pauses_on_a_full_sink_and_stops_when_the_client_is_gone
             await pool.close()
 
     run(main())
+
+
+def _dechunk(data: bytes) -> bytes:
+    body = bytearray()
+    pos = 0
+    while True:
+        eol = data.index(b"\r\n", pos)
+        size = int(data[pos:eol], 16)
+        pos = eol + 2
+        if size == 0:
+            assert data[pos:] == b"\r\n"
+            return bytes(body)
+        body += data[pos:pos + size]
+        assert data[pos + size:pos + size + 2] == b"\r\n"
+        pos += size + 2
+
+
+@pytest.mark.parametrize("step", [1, 5, 9, 100000])
+def test_splice_to_a_chunked_client_keeps_valid_framing(step):
+    """Whole chunks pass through as they came; cut or unusual ones (extensions) are re-framed; the last chunk is left to the caller."""
+    chunks = b"7\r\ndata: 1\r\n19;name=x\r\ndata: a longer event here\r\nA\r\nfirst half\r\n2\r\n\n\n\r\n"
+    tail = b"0\r\nX-Trailer: y\r\n\r\n"
+
+    async def handler(script, reader, writer, n):
+        await script.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the splice is in place before the body comes
+        await _write_pieces(writer, chunks + tail, step)
+        await asyncio.sleep(1)
+
+    async def main():
+        pool = UpstreamPool()
+        async with Script(handler) as s:
+            got = []
+            resp = await pool.request("GET", s.url + "/", {}, None)
+            await resp.splice(lambda data: got.append(data) or 0, asyncio.sleep, chunked=True)
+            resp.release()
+            out = b"".join(got)
+            assert _dechunk(out + b"0\r\n\r\n") == b"data: 1data: a longer event herefirst half\n\n"
+            if step == 100000:  # one read: the chunks before the unusual one went out byte for byte
+                assert out.startswith(b"7\r\ndata: 1\r\n")
+            await pool.close()
+
+    run(main())

@@ -120,22 +120,24 @@ class _AiohttpUpstream:
         self._resp.close()
 
 
-def _client_sink(request: web.Request, response: web.StreamResponse):
+def _client_sink(request: web.Request):
     """A sink for UpstreamResponse.splice: body bytes go to the client's socket as they arrive.
 
     The response's headers are already out. aiohttp chose the framing in
-    ``prepare``: chunked for HTTP/1.1 (each piece becomes one chunk here, and
-    ``write_eof`` sends the last chunk), raw until close for HTTP/1.0.
+    ``prepare``: chunked for HTTP/1.1 (the splice keeps it, and ``write_eof``
+    sends the last chunk), raw until close for HTTP/1.0.
     """
     transport = request.transport
     high = transport.get_write_buffer_limits()[1]
-    chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    write = transport.write
+    buffered = transport.get_write_buffer_size
+    is_closing = transport.is_closing
 
     def sink(data: bytes) -> int:
-        if transport.is_closing():
+        if is_closing():
             return SINK_GONE
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
-        return SINK_FULL if transport.get_write_buffer_size() > high else 0
+        write(data)
+        return SINK_FULL if buffered() > high else 0
 
     return sink
 
@@ -206,7 +208,8 @@ async def relay(
         await response.prepare(request)
         try:
             if not whole and isinstance(upstream, UpstreamResponse) and request.transport is not None:
-                await upstream.splice(_client_sink(request, response), request.writer.drain)
+                chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+                await upstream.splice(_client_sink(request), request.writer.drain, chunked)
             else:
                 read_chunk = upstream.read_chunk
                 write = response.write

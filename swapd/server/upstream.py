@@ -68,6 +68,7 @@ class _Retry(Exception):
 
 
 _NO_BODY_STATUS = frozenset((204, 304))
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 def _parse_head(head: bytes) -> tuple[int, str, CIMultiDict, bool, str]:
@@ -141,6 +142,7 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         self.in_use = False
         self._sink = None
+        self._sink_chunked = False
         self._sink_blocked = False
 
     # -- asyncio.Protocol -------------------------------------------------------
@@ -220,6 +222,10 @@ class _Connection(asyncio.Protocol):
             self.reusable = False
             return
         if self._framing == "chunked":
+            if self._sink_chunked and self._chunk_state == 0 and not self._line:
+                data = self._pass_chunks(data)  # whole chunks go to the client as they came
+                if not data:
+                    return
             out = self._decode_chunked(data)
         elif self._framing == "length":
             if len(data) >= self._remaining:
@@ -283,15 +289,11 @@ class _Connection(asyncio.Protocol):
             pos = nl + 1
             line = line.rstrip(b"\r")
             if state == 0:
-                size_text = line.split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
+                size_text = line.split(b";", 1)[0].strip(b" \t")
+                if not size_text or len(size_text) > 16 or size_text.strip(_HEX_DIGITS):
                     self._fail_body(UpstreamProtocolError(f"chunked body: bad chunk size {size_text[:40]!r}"))
                     return b"".join(out)
-                if size < 0 or size_text[:1] in (b"-", b"+"):
-                    self._fail_body(UpstreamProtocolError(f"chunked body: bad chunk size {size_text[:40]!r}"))
-                    return b"".join(out)
+                size = int(size_text, 16)
                 if size == 0:
                     self._chunk_state = 3
                 else:
@@ -310,6 +312,33 @@ class _Connection(asyncio.Protocol):
                     return b""
         return b"".join(out)
 
+    def _pass_chunks(self, data: bytes) -> bytes:
+        """Forward the whole chunks at the start of ``data`` without decoding them.
+
+        The client is chunked too, so valid chunks can go out byte for byte in
+        one write. Stops at the last chunk, at anything unusual (extensions,
+        a chunk cut by the read) and returns what is left for the decoder.
+        """
+        pos = 0
+        n = len(data)
+        find = data.find
+        while pos < n:
+            eol = find(b"\r\n", pos, pos + 18)
+            if eol <= pos:
+                break
+            size_text = data[pos:eol]
+            if size_text.strip(_HEX_DIGITS):
+                break
+            size = int(size_text, 16)
+            end = eol + 2 + size
+            if size == 0 or end + 2 > n or data[end:end + 2] != b"\r\n":
+                break
+            pos = end + 2
+        if pos:
+            self._deliver(data if pos == n else data[:pos])
+            return data[pos:] if pos < n else b""
+        return data
+
     def _finish_body_after(self, out: list) -> None:
         if out:
             self._push(b"".join(out))
@@ -318,20 +347,8 @@ class _Connection(asyncio.Protocol):
     def _push(self, chunk: bytes) -> None:
         if not chunk:
             return
-        sink = self._sink
-        if sink is not None:
-            verdict = sink(chunk)
-            if verdict:
-                if verdict == SINK_GONE:
-                    self._fail_body(ClientGone("the client went away"))
-                    return
-                self._sink_blocked = True  # the client's socket is full: stop reading until it drains
-                if not self._read_paused and not self.closed:
-                    self._read_paused = True
-                    self.transport.pause_reading()
-                waiter = self._body_waiter
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+        if self._sink is not None:
+            self._deliver(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._sink_chunked else chunk)
             return
         self._chunks.append(chunk)
         self._buffered += len(chunk)
@@ -341,6 +358,21 @@ class _Connection(asyncio.Protocol):
         waiter = self._body_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _deliver(self, data: bytes) -> None:
+        """Write bytes, already framed for the client, through the splice sink."""
+        verdict = self._sink(data)
+        if verdict:
+            if verdict == SINK_GONE:
+                self._fail_body(ClientGone("the client went away"))
+                return
+            self._sink_blocked = True  # the client's socket is full: stop reading until it drains
+            if not self._read_paused and not self.closed:
+                self._read_paused = True
+                self.transport.pause_reading()
+            waiter = self._body_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def _finish_body(self) -> None:
         self.body_done = True
@@ -381,6 +413,7 @@ class _Connection(asyncio.Protocol):
         self.body_error = None
         self.reusable = False
         self._sink = None
+        self._sink_chunked = False
         self._sink_blocked = False
         self._head_waiter = self._loop.create_future()
 
@@ -418,17 +451,21 @@ class _Connection(asyncio.Protocol):
                 self._body_waiter = None
 
 
-    async def splice(self, sink, drain) -> None:
+    async def splice(self, sink, drain, chunked: bool) -> None:
         """Hand the rest of the body to ``sink`` straight from ``data_received``.
 
         No task step and no queue per chunk: this is the streaming hot path.
-        ``sink(data)`` writes to the client and returns 0, ``SINK_FULL`` when
-        the client's socket buffer is over its limit (reading from the
-        backend then pauses until ``await drain()`` returns), or
-        ``SINK_GONE``. Returns when the body is complete; raises
-        ``UpstreamBroken``/``UpstreamProtocolError``/``ClientGone`` otherwise.
+        ``sink(data)`` writes bytes verbatim to the client and returns 0,
+        ``SINK_FULL`` when the client's socket buffer is over its limit
+        (reading from the backend then pauses until ``await drain()``
+        returns), or ``SINK_GONE``. With ``chunked`` the client gets chunked
+        framing: the backend's own chunks pass through unchanged where they
+        can, anything else is framed here, and the caller sends the last
+        chunk. Returns when the body is complete; raises ``UpstreamBroken``,
+        ``UpstreamProtocolError`` or ``ClientGone`` otherwise.
         """
         self._sink = sink
+        self._sink_chunked = chunked
         if self._chunks:
             pending = b"".join(self._chunks)
             self._chunks.clear()
@@ -451,6 +488,7 @@ class _Connection(asyncio.Protocol):
                     self._body_waiter = None
         finally:
             self._sink = None
+            self._sink_chunked = False
         if self.body_error is not None:
             raise self.body_error
 
@@ -484,9 +522,9 @@ class UpstreamResponse:
                 break
         return b"".join(parts)
 
-    async def splice(self, sink, drain) -> None:
+    async def splice(self, sink, drain, chunked: bool = False) -> None:
         """Stream the rest of the body into ``sink`` (see ``_Connection.splice``)."""
-        await self._conn.splice(sink, drain)
+        await self._conn.splice(sink, drain, chunked)
 
     def release(self) -> None:
         """Done with the response: a complete, reusable connection goes back to the pool."""
