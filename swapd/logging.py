@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime
+import json
 import logging
 import re
 import sys
@@ -29,10 +31,77 @@ _SECRET_KEYS = frozenset({"authorization", "api_key", "apikey", "x-api-key", "pa
 
 
 def _redact(_logger, _name, event_dict):
+    if _SECRET_KEYS.isdisjoint(map(str.lower, event_dict)):  # the usual case, checked in C
+        return event_dict
     for key in list(event_dict):
         if key.lower() in _SECRET_KEYS:
             event_dict[key] = "[redacted]"
     return event_dict
+
+
+def _json_fallback(obj):
+    try:
+        return obj.__structlog__()
+    except AttributeError:
+        return repr(obj)
+
+
+# One encoder for every line: json.dumps with a ``default`` builds a new one per call.
+_JSON = json.JSONEncoder(default=_json_fallback)
+
+
+def _render_json(_logger, _name, event_dict) -> str:
+    return _JSON.encode(event_dict)
+
+
+class LineWriter:
+    """The structlog logger: one write per line, one flush per event-loop turn.
+
+    structlog's PrintLogger flushes every line (a write system call each). On
+    the event loop's thread this writes into the stream's buffer and flushes
+    once, after the callbacks of the current loop turn, so a burst of request
+    lines costs one system call. Anywhere else (another thread, no loop) it
+    flushes at once.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._flush_pending = False
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            try:
+                self._stream.write(message + "\n")
+            except (OSError, ValueError):  # stream closed: nothing sensible to do
+                return
+        if self._flush_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_pending = True
+        loop.call_soon(self.flush)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        with self._lock:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+class LineWriterFactory:
+    def __init__(self, stream) -> None:
+        self._writer = LineWriter(stream)
+
+    def __call__(self, *args) -> LineWriter:
+        return self._writer
 
 
 def configure(level: str = "info", fmt: LogFormat = "auto", stream=None, sink: ProxyLog | None = None) -> None:
@@ -47,9 +116,8 @@ def configure(level: str = "info", fmt: LogFormat = "auto", stream=None, sink: P
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     colors = fmt == "console" and stream.isatty()
-    renderer = structlog.dev.ConsoleRenderer(colors=colors) if fmt == "console" else structlog.processors.JSONRenderer()
+    renderer = structlog.dev.ConsoleRenderer(colors=colors) if fmt == "console" else _render_json
     processors = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         sink.stamp if sink is not None else structlog.processors.TimeStamper(fmt="iso", utc=False),
         _redact,
@@ -62,7 +130,7 @@ def configure(level: str = "info", fmt: LogFormat = "auto", stream=None, sink: P
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=LineWriterFactory(stream),
         cache_logger_on_first_use=True,
     )
 
