@@ -379,14 +379,15 @@ class Backend:
         CHILDREN.ensure_guardian()
         CHILDREN.spawning += 1
         try:
+            argv, preexec = osutil.pdeathsig_command(model.cmd, env)
             self._proc = await asyncio.create_subprocess_exec(
-                *model.cmd,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 start_new_session=True,  # own process group: one signal reaches the tree
-                preexec_fn=osutil.make_pdeathsig_preexec(),
+                preexec_fn=preexec,
             )
         except OSError as exc:
             raise StartError(self.id, f"model {self.id}: cannot run {model.cmd[0]!r}: {exc.strerror or exc}") from exc

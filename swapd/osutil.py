@@ -11,7 +11,9 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import shutil
 import signal
+import subprocess
 import sys
 
 PR_SET_PDEATHSIG = 1
@@ -93,3 +95,47 @@ def signal_pid(pid: int, sig: int) -> bool:
         if exc.errno == errno.ESRCH:
             return False
         raise
+
+
+_setpriv: str | None | bool = False  # False: not looked up yet
+
+
+def _pdeathsig_wrapper() -> str | None:
+    """util-linux's setpriv, if it has --pdeathsig (2.33 and later)."""
+    global _setpriv
+    if _setpriv is False:
+        _setpriv = None
+        path = shutil.which("setpriv")
+        if path:
+            try:
+                out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=5).stdout
+            except (OSError, subprocess.SubprocessError):
+                out = ""
+            if "--pdeathsig" in out:
+                _setpriv = path
+    return _setpriv
+
+
+def pdeathsig_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], object]:
+    """The argv and preexec_fn that start ``argv`` with a parent-death SIGKILL.
+
+    With util-linux's ``setpriv --pdeathsig KILL`` in front of the command
+    (it sets the signal, then execs the command in the same process), Python
+    needs no ``preexec_fn`` and can use vfork: spawning from a 40 MB swapd
+    takes about 1 ms instead of 25-33 ms. Without setpriv, a preexec_fn does
+    the prctl. Either way the guardian process covers a SIGKILLed swapd.
+
+    Because setpriv would turn a missing command into its own exit 127, the
+    command is looked up first and a missing or non-executable one raises
+    ``OSError`` here, as exec would have.
+    """
+    wrapper = _pdeathsig_wrapper()
+    if wrapper is None:
+        return argv, make_pdeathsig_preexec()
+    program = argv[0]
+    found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None:
+        if os.sep in program and os.path.exists(program):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    return [wrapper, "--pdeathsig", "KILL", "--", *argv], None

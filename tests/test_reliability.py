@@ -9,6 +9,7 @@ children through ``/api/status``.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import socket
@@ -395,3 +396,38 @@ def test_crash_is_noticed_at_once_while_an_orphan_holds_the_pipes(swapd):
     crashed = _events(s, "backend.crashed")[0]
     assert crashed["exit_code"] == 4
     assert wait_until(lambda: not tagged_processes(s.tag), timeout=5), "the orphan went with it"
+
+
+@pytest.mark.parametrize("via", ["setpriv", "preexec"])
+def test_death_signal_alone_takes_the_backend_down(swapd, tmp_path, via):
+    """With the guardian gone too, the backend's parent-death SIGKILL still fires when swapd is killed.
+
+    swapd sets it through util-linux's setpriv when that is on its PATH (so
+    Python can spawn with vfork) and through a preexec_fn otherwise.
+    """
+    env = None if via == "setpriv" else {"PATH": str(tmp_path)}  # an empty PATH: no setpriv
+    s = swapd({"m1": model()}, env=env)
+    s.chat("m1")
+    pid = s.running()["m1"]["pid"]
+    guardian = _status(s)["guardian"]
+    os.kill(guardian, signal.SIGKILL)
+    wait_until(lambda: _gone(guardian), timeout=5, message="the guardian to die")
+    s.proc.kill()
+    s.proc.wait()
+    assert wait_until(lambda: _gone(pid), timeout=5), "the parent-death signal must take the backend down"
+
+
+@pytest.mark.parametrize("cmd, reason", [
+    ("/nonexistent/llama-server --port ${PORT}", "No such file or directory"),
+    ("no-such-command-anywhere --port ${PORT}", "No such file or directory"),
+    ("{tmp}/not-executable --port ${PORT}", "Permission denied"),
+])
+def test_command_that_cannot_run_is_reported_clearly(swapd, tmp_path, cmd, reason):
+    (tmp_path / "not-executable").write_text("#!/bin/sh\nexit 0\n")  # mode 0644
+    cmd = cmd.replace("{tmp}", str(tmp_path))
+    s = swapd({"m1": {"cmd": cmd, "proxy": "http://127.0.0.1:${PORT}"}})
+    r = s.chat("m1")
+    assert r.status == 502 or r.status == 503, r.body
+    message = r.json()["error"]["message"]
+    assert "cannot run" in message and reason in message, message
+    assert s.get("/health").status == 200
