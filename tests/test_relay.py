@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from helpers import backend_stats, model, wait_until
+from helpers import PY, backend_stats, model, wait_until
 
 
 def _backend_port(s, model_id: str) -> int:
@@ -122,3 +122,32 @@ def test_slow_reader_pauses_the_backend_instead_of_filling_swapd(swapd):
     body = _dechunk(rest)
     assert body.count(b"data: ") == n + 2 and body.endswith(b"data: [DONE]\n\n")
     wait_until(lambda: backend_stats(port)["streams_completed"] == 1, timeout=10, message="the stream to complete")
+
+
+_NOT_HTTP_BACKEND = """
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen()
+while True:
+    conn, _ = srv.accept()
+    request = conn.recv(65536)
+    if request.startswith(b"GET /health"):
+        conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok")
+    else:
+        conn.sendall(b"SSH-2.0-OpenSSH_9.2\\r\\n\\r\\n")
+    conn.close()
+"""
+
+
+def test_backend_that_does_not_speak_http_gets_a_clear_502(swapd, tmp_path):
+    script = tmp_path / "not_http.py"
+    script.write_text(_NOT_HTTP_BACKEND)
+    s = swapd({"m1": {"cmd": f"{PY} {script} ${{PORT}}", "proxy": "http://127.0.0.1:${PORT}"}})
+    r = s.chat("m1")
+    assert r.status == 502, r.body
+    error = r.json()["error"]
+    assert error["code"] == "backend_bad_response" and "invalid response" in error["message"], error
+    assert "SSH-2.0" in error["message"]
+    assert s.get("/health").status == 200

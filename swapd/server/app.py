@@ -16,7 +16,7 @@ from swapd.logging import get_logger
 from swapd.redact import redact_argv
 from swapd.scheduler import Scheduler, SchedulerError
 from swapd.server import gpu_api
-from swapd.server.auth import auth_middleware, cors_middleware
+from swapd.server.auth import access_middleware
 from swapd.server.errors import ClientError, error_response
 from swapd.server import observe
 from swapd.server.keys import RUNTIME
@@ -130,7 +130,7 @@ async def error_middleware(request: web.Request, handler):
     except StartError as exc:
         return error_response(request, 502, exc.detail(), "backend_start_failed")
     except UpstreamError as exc:
-        return error_response(request, exc.status, str(exc), "backend_unreachable")
+        return error_response(request, exc.status, str(exc), exc.code)
     except web.HTTPRequestEntityTooLarge:
         return error_response(request, 413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
     except web.HTTPException as exc:
@@ -307,7 +307,7 @@ async def _preload(rt: Runtime) -> None:
 def create_app(config: Config) -> web.Application:
     # Outermost first: errors are rendered for everything, preflights need no key.
     app = web.Application(
-        client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, cors_middleware, auth_middleware]
+        client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, access_middleware]
     )
     rt = app[RUNTIME] = Runtime(config)
 

@@ -23,6 +23,7 @@ from swapd.server.upstream import (
     UpstreamBroken,
     UpstreamFault,
     UpstreamPool,
+    UpstreamProtocolError,
     UpstreamResponse,
 )
 
@@ -65,9 +66,10 @@ class _CoalescedResponse(web.StreamResponse):
 class UpstreamError(Exception):
     """The backend could not be reached or broke before answering."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str = "backend_unreachable") -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 def forward_headers(request: web.Request) -> CIMultiDict:
@@ -179,10 +181,16 @@ async def relay(
     connect_timeout = timeouts.connect if timeouts is not None and timeouts.connect else DEFAULT_CONNECT_TIMEOUT
     header_timeout = timeouts.response_header if timeouts is not None and timeouts.response_header else None
     try:
-        async with asyncio.timeout(header_timeout):
+        if header_timeout is None:
             upstream = await _open(pool, session, request, url, body, headers, content_length, connect_timeout)
+        else:
+            async with asyncio.timeout(header_timeout):
+                upstream = await _open(pool, session, request, url, body, headers, content_length, connect_timeout)
     except TimeoutError as exc:
         raise UpstreamError(504, f"model {model_id}: backend did not answer in time (timeouts)") from exc
+    except UpstreamProtocolError as exc:
+        raise UpstreamError(502, f"model {model_id}: backend sent an invalid response: {exc}",
+                            "backend_bad_response") from exc
     except (UpstreamFault, aiohttp.ClientError, OSError) as exc:
         raise UpstreamError(502, f"model {model_id}: backend unreachable: {exc}") from exc
     if prepared is not None:
