@@ -531,3 +531,21 @@ def test_splice_to_a_chunked_client_keeps_valid_framing(step):
             await pool.close()
 
     run(main())
+
+
+def test_content_length_beside_chunked_is_dropped():
+    async def handler(script, reader, writer, n):
+        await script.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def main():
+        pool = UpstreamPool()
+        async with Script(handler) as s:
+            resp, data = await _get(pool, s.url)
+            assert data == b"hello" and "Content-Length" not in resp.headers
+            await pool.close()
+
+    run(main())

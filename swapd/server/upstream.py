@@ -98,6 +98,9 @@ def _parse_head(head: bytes) -> tuple[int, str, CIMultiDict, bool, str]:
         if te.lower().rsplit(",", 1)[-1].strip() != "chunked":
             raise UpstreamProtocolError(f"unsupported Transfer-Encoding: {te[:100]}")
         framing = "chunked"
+        # RFC 9112 6.3: chunked framing wins, and a Content-Length beside it
+        # must not reach the client, whose body would not match it
+        headers.popall("Content-Length", None)
     else:
         cl = headers.getall("Content-Length", None)
         if cl is not None:
