@@ -150,7 +150,9 @@ def test_sigkill_of_swapd_leaves_no_backend(swapd, setsid):
     s.proc.kill()
     s.proc.wait()
     assert wait_until(lambda: not tagged_processes(s.tag), timeout=10), "the guardian took the tree down"
-    assert all(_gone(p) for p in pids)
+    # A process is untagged as soon as the kernel drops its memory (environ is
+    # unreadable), a moment before it becomes a zombie: wait for that too.
+    assert wait_until(lambda: all(_gone(p) for p in pids), timeout=10), "every pid of the tree is gone"
 
 
 def test_client_disconnect_during_load_keeps_accounting(swapd):
