@@ -311,3 +311,19 @@ def stream_then_hang_up(port: int, model_id: str, chunks: int = 3) -> float:
         got += sock.recv(4096)
     sock.close()
     return time.monotonic()
+
+
+def dechunk(data: bytes) -> bytes:
+    """Decode a chunked HTTP body strictly: any framing error fails the test."""
+    body = bytearray()
+    pos = 0
+    while True:
+        eol = data.index(b"\r\n", pos)
+        size = int(data[pos:eol], 16)
+        pos = eol + 2
+        if size == 0:
+            assert data[pos:] == b"\r\n", data[pos:pos + 100]
+            return bytes(body)
+        body += data[pos:pos + size]
+        assert data[pos + size:pos + size + 2] == b"\r\n"
+        pos += size + 2

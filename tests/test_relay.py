@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from helpers import PY, backend_stats, model, wait_until
+from helpers import PY, backend_stats, dechunk, model, wait_until
 
 
 def _backend_port(s, model_id: str) -> int:
@@ -40,22 +40,6 @@ def _read_all(sock: socket.socket, timeout: float = 30) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return bytes(data)
-
-
-def _dechunk(data: bytes) -> bytes:
-    """Decode a chunked body strictly: any framing error fails the test."""
-    body = bytearray()
-    pos = 0
-    while True:
-        eol = data.index(b"\r\n", pos)
-        size = int(data[pos:eol], 16)
-        pos = eol + 2
-        if size == 0:
-            assert data[pos:] == b"\r\n", data[pos:pos + 100]
-            return bytes(body)
-        body += data[pos:pos + size]
-        assert data[pos + size:pos + size + 2] == b"\r\n"
-        pos += size + 2
 
 
 def test_backend_connections_are_kept_alive(swapd):
@@ -96,7 +80,7 @@ def test_http11_stream_is_valid_chunked_framing(swapd):
     sock.close()
     head, _, rest = data.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower()
-    body = _dechunk(rest)
+    body = dechunk(rest)
     events = [line[6:] for line in body.split(b"\n") if line.startswith(b"data: ")]
     assert len(events) == 32 and events[-1] == b"[DONE]"
 
@@ -119,7 +103,7 @@ def test_slow_reader_pauses_the_backend_instead_of_filling_swapd(swapd):
     data = _read_all(sock, timeout=120)
     sock.close()
     head, _, rest = data.partition(b"\r\n\r\n")
-    body = _dechunk(rest)
+    body = dechunk(rest)
     assert body.count(b"data: ") == n + 2 and body.endswith(b"data: [DONE]\n\n")
     wait_until(lambda: backend_stats(port)["streams_completed"] == 1, timeout=10, message="the stream to complete")
 

@@ -24,6 +24,8 @@ from swapd.server.upstream import (
     UpstreamProtocolError,
 )
 
+from helpers import dechunk
+
 
 class Script:
     """A TCP server; ``handler(reader, writer, n)`` serves connection number n."""
@@ -488,21 +490,6 @@ def test_splice_forwards_pauses_on_a_full_sink_and_stops_when_the_client_is_gone
     run(main())
 
 
-def _dechunk(data: bytes) -> bytes:
-    body = bytearray()
-    pos = 0
-    while True:
-        eol = data.index(b"\r\n", pos)
-        size = int(data[pos:eol], 16)
-        pos = eol + 2
-        if size == 0:
-            assert data[pos:] == b"\r\n"
-            return bytes(body)
-        body += data[pos:pos + size]
-        assert data[pos + size:pos + size + 2] == b"\r\n"
-        pos += size + 2
-
-
 @pytest.mark.parametrize("step", [1, 5, 9, 100000])
 def test_splice_to_a_chunked_client_keeps_valid_framing(step):
     """Whole chunks pass through as they came; cut or unusual ones (extensions) are re-framed; the last chunk is left to the caller."""
@@ -525,7 +512,7 @@ def test_splice_to_a_chunked_client_keeps_valid_framing(step):
             await resp.splice(lambda data: got.append(data) or 0, asyncio.sleep, chunked=True)
             resp.release()
             out = b"".join(got)
-            assert _dechunk(out + b"0\r\n\r\n") == b"data: 1data: a longer event herefirst half\n\n"
+            assert dechunk(out + b"0\r\n\r\n") == b"data: 1data: a longer event herefirst half\n\n"
             if step == 100000:  # one read: the chunks before the unusual one went out byte for byte
                 assert out.startswith(b"7\r\ndata: 1\r\n")
             await pool.close()

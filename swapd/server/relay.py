@@ -106,14 +106,7 @@ class _AiohttpUpstream:
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             raise UpstreamBroken(str(exc)) from exc
 
-    async def read(self, limit: int | None = None) -> bytes:
-        parts, size = [], 0
-        while chunk := await self.read_chunk():
-            parts.append(chunk)
-            size += len(chunk)
-            if limit is not None and size >= limit:
-                break
-        return b"".join(parts)
+    read = UpstreamResponse.read
 
     def release(self) -> None:
         self._resp.release()
@@ -227,20 +220,7 @@ async def relay(
             response["swapd.error"] = "client_disconnected"
             return response
         except UpstreamFault as exc:
-            # The backend died mid-response. The status line is gone already,
-            # so tell a streaming client in-band, then cut the connection so
-            # no client mistakes a truncated body for a complete one.
-            if event_stream:
-                event = {"error": {"message": f"model {model_id}: backend failed mid-stream: {exc}",
-                                   "type": "server_error", "code": "backend_failed"}}
-                try:
-                    await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-                except (ConnectionError, RuntimeError):
-                    pass
-            if request.transport is not None:
-                request.transport.close()
-            response["swapd.error"] = f"backend failed mid-response: {exc}"
-            return response
+            return await _broken_mid_response(request, response, model_id, exc, event_stream)
         await response.write_eof()
         clean = True
         return response
@@ -249,6 +229,26 @@ async def relay(
             upstream.release()
         else:
             upstream.close()
+
+
+async def _broken_mid_response(request: web.Request, response: web.StreamResponse, model_id: str,
+                               exc: Exception, event_stream: bool) -> web.StreamResponse:
+    """The backend died mid-response, after the status line went out.
+
+    A streaming client is told in-band; then the connection is cut so no
+    client mistakes a truncated body for a complete one.
+    """
+    if event_stream:
+        event = {"error": {"message": f"model {model_id}: backend failed mid-stream: {exc}",
+                           "type": "server_error", "code": "backend_failed"}}
+        try:
+            await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        except (ConnectionError, RuntimeError):
+            pass
+    if request.transport is not None:
+        request.transport.close()
+    response["swapd.error"] = f"backend failed mid-response: {exc}"
+    return response
 
 
 async def _relay_into(request: web.Request, response: web.StreamResponse, upstream, model_id: str) -> web.StreamResponse:
@@ -268,16 +268,7 @@ async def _relay_into(request: web.Request, response: web.StreamResponse, upstre
                 while chunk := await upstream.read_chunk():
                     await response.write(chunk)
             except UpstreamFault as exc:
-                event = {"error": {"message": f"model {model_id}: backend failed mid-stream: {exc}",
-                                   "type": "server_error", "code": "backend_failed"}}
-                try:
-                    await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-                except (ConnectionError, RuntimeError):
-                    pass
-                if request.transport is not None:
-                    request.transport.close()
-                response["swapd.error"] = f"backend failed mid-response: {exc}"
-                return response
+                return await _broken_mid_response(request, response, model_id, exc, True)
         await response.write_eof()
         upstream.release()
         return response

@@ -531,6 +531,7 @@ class UpstreamResponse:
         return await self._conn.read_chunk()
 
     async def read(self, limit: int | None = None) -> bytes:
+        """The rest of the body, or at least its first ``limit`` bytes."""
         parts = []
         size = 0
         while True:
