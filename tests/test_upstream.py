@@ -84,6 +84,20 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+def serve(handler, check) -> None:
+    """Run ``await check(pool, script)`` against a Script serving ``handler``; close the pool after."""
+
+    async def main():
+        pool = UpstreamPool()
+        try:
+            async with Script(handler) as script:
+                await check(pool, script)
+        finally:
+            await pool.close()
+
+    run(main())
+
+
 async def _get(pool: UpstreamPool, url: str, path: str = "/x", method: str = "POST", body=b"{}", **kw):
     resp = await pool.request(method, url + path, CIMultiDict({"Content-Type": "application/json"}), body, **kw)
     data = await resp.read()
@@ -100,18 +114,15 @@ def test_content_length_body_split_anywhere_and_connection_reused(step):
             await script.read_request(reader)
             await _write_pieces(writer, answer, step)
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            for _ in range(3):
-                resp, data = await _get(pool, s.url)
-                assert (resp.status, resp.reason, data) == (200, "OK", b'{"ok":true}')
-                assert resp.headers["X-A"] == "1"
-            assert s.connections == 1, "keep-alive connection was not reused"
-            assert pool.idle_count() == 1
-            await pool.close()
+    async def check(pool, s):
+        for _ in range(3):
+            resp, data = await _get(pool, s.url)
+            assert (resp.status, resp.reason, data) == (200, "OK", b'{"ok":true}')
+            assert resp.headers["X-A"] == "1"
+        assert s.connections == 1, "keep-alive connection was not reused"
+        assert pool.idle_count() == 1
 
-    run(main())
+    serve(handler, check)
 
 
 def test_request_is_one_write_with_host_and_length():
@@ -121,21 +132,18 @@ def test_request_is_one_write_with_host_and_length():
         await writer.drain()
         await asyncio.sleep(1)
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            resp, data = await _get(pool, s.url, "/v1/chat/completions?a=b%20c", body=b'{"model":"m"}')
-            assert resp.status == 204 and data == b""
-            head, _, body = s.requests[0].partition(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            assert lines[0] == b"POST /v1/chat/completions?a=b%20c HTTP/1.1"
-            port = s.url.rsplit(":", 1)[1]
-            assert f"Host: 127.0.0.1:{port}".encode() in lines
-            assert b"Content-Length: 13" in lines and b"Content-Type: application/json" in lines
-            assert body == b'{"model":"m"}'
-            await pool.close()
+    async def check(pool, s):
+        resp, data = await _get(pool, s.url, "/v1/chat/completions?a=b%20c", body=b'{"model":"m"}')
+        assert resp.status == 204 and data == b""
+        head, _, body = s.requests[0].partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"POST /v1/chat/completions?a=b%20c HTTP/1.1"
+        port = s.url.rsplit(":", 1)[1]
+        assert f"Host: 127.0.0.1:{port}".encode() in lines
+        assert b"Content-Length: 13" in lines and b"Content-Type: application/json" in lines
+        assert body == b'{"model":"m"}'
 
-    run(main())
+    serve(handler, check)
 
 
 @pytest.mark.parametrize("step", [1, 3, 4096])
@@ -148,16 +156,13 @@ def test_chunked_body_with_extensions_and_trailers(step):
             await script.read_request(reader)
             await _write_pieces(writer, answer, step)
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            for _ in range(2):
-                resp, data = await _get(pool, s.url)
-                assert data == b"Wikipedia in\r\n\r\nchunks."
-            assert s.connections == 1
-            await pool.close()
+    async def check(pool, s):
+        for _ in range(2):
+            resp, data = await _get(pool, s.url)
+            assert data == b"Wikipedia in\r\n\r\nchunks."
+        assert s.connections == 1
 
-    run(main())
+    serve(handler, check)
 
 
 def test_body_until_close_is_read_and_not_pooled():
@@ -169,15 +174,12 @@ def test_body_until_close_is_read_and_not_pooled():
         writer.write(b"it")
         await writer.drain()
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            resp, data = await _get(pool, s.url)
-            assert data == b"all of it"
-            assert pool.idle_count() == 0
-            await pool.close()
+    async def check(pool, s):
+        resp, data = await _get(pool, s.url)
+        assert data == b"all of it"
+        assert pool.idle_count() == 0
 
-    run(main())
+    serve(handler, check)
 
 
 def test_interim_responses_are_skipped():
@@ -189,14 +191,11 @@ def test_interim_responses_are_skipped():
         await writer.drain()
         await asyncio.sleep(1)
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            resp, data = await _get(pool, s.url)
-            assert (resp.status, data) == (201, b"hi") and "Link" not in resp.headers
-            await pool.close()
+    async def check(pool, s):
+        resp, data = await _get(pool, s.url)
+        assert (resp.status, data) == (201, b"hi") and "Link" not in resp.headers
 
-    run(main())
+    serve(handler, check)
 
 
 def test_head_response_has_no_body_and_stays_reusable():
@@ -209,16 +208,13 @@ def test_head_response_has_no_body_and_stays_reusable():
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
             await writer.drain()
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            resp, data = await _get(pool, s.url, method="HEAD", body=None)
-            assert resp.headers["Content-Length"] == "1000" and data == b""
-            resp, data = await _get(pool, s.url, method="GET", body=None)
-            assert data == b"abc" and s.connections == 1
-            await pool.close()
+    async def check(pool, s):
+        resp, data = await _get(pool, s.url, method="HEAD", body=None)
+        assert resp.headers["Content-Length"] == "1000" and data == b""
+        resp, data = await _get(pool, s.url, method="GET", body=None)
+        assert data == b"abc" and s.connections == 1
 
-    run(main())
+    serve(handler, check)
 
 
 @pytest.mark.parametrize(
@@ -240,15 +236,12 @@ def test_invalid_responses_are_protocol_errors(answer, message):
         await writer.drain()
         await asyncio.sleep(1)
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            with pytest.raises(UpstreamProtocolError, match=message):
-                await _get(pool, s.url)
-            assert pool.idle_count() == 0
-            await pool.close()
+    async def check(pool, s):
+        with pytest.raises(UpstreamProtocolError, match=message):
+            await _get(pool, s.url)
+        assert pool.idle_count() == 0
 
-    run(main())
+    serve(handler, check)
 
 
 @pytest.mark.parametrize(
@@ -265,14 +258,11 @@ def test_connection_closed_early_is_broken(answer):
         writer.write(answer)
         await writer.drain()
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            with pytest.raises(UpstreamBroken):
-                await _get(pool, s.url)
-            await pool.close()
+    async def check(pool, s):
+        with pytest.raises(UpstreamBroken):
+            await _get(pool, s.url)
 
-    run(main())
+    serve(handler, check)
 
 
 def test_bad_chunk_size_is_a_protocol_error():
@@ -282,17 +272,14 @@ def test_bad_chunk_size_is_a_protocol_error():
         await writer.drain()
         await asyncio.sleep(1)
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            resp = await pool.request("GET", s.url + "/", {}, None)
-            assert await resp.read_chunk() == b"hello"
-            with pytest.raises(UpstreamProtocolError, match="chunk size"):
-                await resp.read_chunk()
-            resp.close()
-            await pool.close()
+    async def check(pool, s):
+        resp = await pool.request("GET", s.url + "/", {}, None)
+        assert await resp.read_chunk() == b"hello"
+        with pytest.raises(UpstreamProtocolError, match="chunk size"):
+            await resp.read_chunk()
+        resp.close()
 
-    run(main())
+    serve(handler, check)
 
 
 def test_stale_keepalive_connection_is_retried_once_on_a_new_one():
@@ -308,15 +295,12 @@ def test_stale_keepalive_connection_is_retried_once_on_a_new_one():
         await writer.drain()
         await asyncio.sleep(1)
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            assert (await _get(pool, s.url))[1] == b"first"
-            assert (await _get(pool, s.url))[1] == b"second"
-            assert s.connections == 2 and len(s.requests) == 3
-            await pool.close()
+    async def check(pool, s):
+        assert (await _get(pool, s.url))[1] == b"first"
+        assert (await _get(pool, s.url))[1] == b"second"
+        assert s.connections == 2 and len(s.requests) == 3
 
-    run(main())
+    serve(handler, check)
 
 
 def test_stale_connection_is_not_retried_twice_and_streamed_bodies_use_fresh_ones():
@@ -332,21 +316,18 @@ def test_stale_connection_is_not_retried_twice_and_streamed_bodies_use_fresh_one
         yield b"part1 "
         yield b"part2"
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
+    async def check(pool, s):
+        await _get(pool, s.url)
+        with pytest.raises(UpstreamBroken):
             await _get(pool, s.url)
-            with pytest.raises(UpstreamBroken):
-                await _get(pool, s.url)
-            assert s.connections == 2  # the stale one, then exactly one retry
-            with pytest.raises(UpstreamBroken):
-                await _get(pool, s.url, body=body())
-            assert s.connections == 3
-            assert s.requests[-1].endswith(b"part1 part2")
-            assert b"Transfer-Encoding: chunked" in s.requests[-1]
-            await pool.close()
+        assert s.connections == 2  # the stale one, then exactly one retry
+        with pytest.raises(UpstreamBroken):
+            await _get(pool, s.url, body=body())
+        assert s.connections == 3
+        assert s.requests[-1].endswith(b"part1 part2")
+        assert b"Transfer-Encoding: chunked" in s.requests[-1]
 
-    run(main())
+    serve(handler, check)
 
 
 def test_idle_connections_past_reuse_window_are_not_used(monkeypatch):
@@ -358,16 +339,13 @@ def test_idle_connections_past_reuse_window_are_not_used(monkeypatch):
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            await _get(pool, s.url)
-            await asyncio.sleep(0.2)
-            await _get(pool, s.url)
-            assert s.connections == 2
-            await pool.close()
+    async def check(pool, s):
+        await _get(pool, s.url)
+        await asyncio.sleep(0.2)
+        await _get(pool, s.url)
+        assert s.connections == 2
 
-    run(main())
+    serve(handler, check)
 
 
 def test_bytes_after_a_complete_response_stop_reuse():
@@ -377,15 +355,12 @@ def test_bytes_after_a_complete_response_stop_reuse():
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokGARBAGE")
             await writer.drain()
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            for _ in range(2):
-                assert (await _get(pool, s.url))[1] == b"ok"
-            assert s.connections == 2
-            await pool.close()
+    async def check(pool, s):
+        for _ in range(2):
+            assert (await _get(pool, s.url))[1] == b"ok"
+        assert s.connections == 2
 
-    run(main())
+    serve(handler, check)
 
 
 def test_connect_errors_and_header_injection():
@@ -418,23 +393,20 @@ def test_slow_reader_pauses_the_backend():
             writer.write(piece)
             await writer.drain()
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            resp = await pool.request("GET", s.url + "/", {}, None)
-            conn = resp._conn
-            await asyncio.sleep(0.5)  # the backend could send everything in this time
-            assert not conn.transport.is_reading()
+    async def check(pool, s):
+        resp = await pool.request("GET", s.url + "/", {}, None)
+        conn = resp._conn
+        await asyncio.sleep(0.5)  # the backend could send everything in this time
+        assert not conn.transport.is_reading()
+        assert conn._buffered <= upstream.HIGH_WATER + 256 * 1024
+        received = 0
+        while chunk := await resp.read_chunk():
+            received += len(chunk)
             assert conn._buffered <= upstream.HIGH_WATER + 256 * 1024
-            received = 0
-            while chunk := await resp.read_chunk():
-                received += len(chunk)
-                assert conn._buffered <= upstream.HIGH_WATER + 256 * 1024
-            assert received == total
-            resp.release()
-            await pool.close()
+        assert received == total
+        resp.release()
 
-    run(main())
+    serve(handler, check)
 
 
 def test_splice_forwards_pauses_on_a_full_sink_and_stops_when_the_client_is_gone():
@@ -452,42 +424,39 @@ def test_splice_forwards_pauses_on_a_full_sink_and_stops_when_the_client_is_gone
         await writer.drain()
         await asyncio.sleep(1)
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            got = []
-            drains = 0
+    async def check(pool, s):
+        got = []
+        drains = 0
 
-            def sink(data):
-                got.append(data)
-                return SINK_FULL if len(got) % 10 == 0 else 0
+        def sink(data):
+            got.append(data)
+            return SINK_FULL if len(got) % 10 == 0 else 0
 
-            async def drain():
-                nonlocal drains
-                drains += 1
-                assert not resp._conn.transport.is_reading()  # reading stopped while the client was full
-                await asyncio.sleep(0.01)
+        async def drain():
+            nonlocal drains
+            drains += 1
+            assert not resp._conn.transport.is_reading()  # reading stopped while the client was full
+            await asyncio.sleep(0.01)
 
-            resp = await pool.request("GET", s.url + "/", {}, None)
-            await resp.splice(sink, drain)
-            resp.release()
-            assert b"".join(got) == b"".join(events)
-            assert drains >= 1
-            assert pool.idle_count() == 1
+        resp = await pool.request("GET", s.url + "/", {}, None)
+        await resp.splice(sink, drain)
+        resp.release()
+        assert b"".join(got) == b"".join(events)
+        assert drains >= 1
+        assert pool.idle_count() == 1
 
-            def gone(data):
-                return SINK_GONE
+        def gone(data):
+            return SINK_GONE
 
-            resp = await pool.request("GET", s.url + "/", {}, None)
-            conn = resp._conn
-            with pytest.raises(ClientGone):
-                await resp.splice(gone, drain)
-            resp.close()
-            await asyncio.sleep(0.05)
-            assert conn.closed and pool.idle_count() == 0
-            await pool.close()
+        resp = await pool.request("GET", s.url + "/", {}, None)
+        conn = resp._conn
+        with pytest.raises(ClientGone):
+            await resp.splice(gone, drain)
+        resp.close()
+        await asyncio.sleep(0.05)
+        assert conn.closed and pool.idle_count() == 0
 
-    run(main())
+    serve(handler, check)
 
 
 @pytest.mark.parametrize("step", [1, 5, 9, 100000])
@@ -504,20 +473,17 @@ def test_splice_to_a_chunked_client_keeps_valid_framing(step):
         await _write_pieces(writer, chunks + tail, step)
         await asyncio.sleep(1)
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            got = []
-            resp = await pool.request("GET", s.url + "/", {}, None)
-            await resp.splice(lambda data: got.append(data) or 0, asyncio.sleep, chunked=True)
-            resp.release()
-            out = b"".join(got)
-            assert dechunk(out + b"0\r\n\r\n") == b"data: 1data: a longer event herefirst half\n\n"
-            if step == 100000:  # one read: the chunks before the unusual one went out byte for byte
-                assert out.startswith(b"7\r\ndata: 1\r\n")
-            await pool.close()
+    async def check(pool, s):
+        got = []
+        resp = await pool.request("GET", s.url + "/", {}, None)
+        await resp.splice(lambda data: got.append(data) or 0, asyncio.sleep, chunked=True)
+        resp.release()
+        out = b"".join(got)
+        assert dechunk(out + b"0\r\n\r\n") == b"data: 1data: a longer event herefirst half\n\n"
+        if step == 100000:  # one read: the chunks before the unusual one went out byte for byte
+            assert out.startswith(b"7\r\ndata: 1\r\n")
 
-    run(main())
+    serve(handler, check)
 
 
 def test_content_length_beside_chunked_is_dropped():
@@ -528,11 +494,8 @@ def test_content_length_beside_chunked_is_dropped():
         await writer.drain()
         await asyncio.sleep(1)
 
-    async def main():
-        pool = UpstreamPool()
-        async with Script(handler) as s:
-            resp, data = await _get(pool, s.url)
-            assert data == b"hello" and "Content-Length" not in resp.headers
-            await pool.close()
+    async def check(pool, s):
+        resp, data = await _get(pool, s.url)
+        assert data == b"hello" and "Content-Length" not in resp.headers
 
-    run(main())
+    serve(handler, check)
