@@ -134,7 +134,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.reused = False
         self.idle_since = 0.0
         self._loop = asyncio.get_running_loop()
-        self._lost_exc: BaseException | None = None
         # write side
         self._write_paused = False
         self._drain: asyncio.Future | None = None
@@ -173,7 +172,6 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self._lost_exc = exc
         self._pool._forget(self)
         if self._head is None and self._head_waiter is not None and not self._head_waiter.done():
             if self.reused and not self._got_any:
@@ -329,7 +327,9 @@ class _Connection(asyncio.BufferedProtocol):
                 if not line:
                     if pos < n:
                         self.reusable = False
-                    self._finish_body_after(out)
+                    if out:
+                        self._push(b"".join(out))
+                    self._finish_body()
                     return b""
         return b"".join(out)
 
@@ -359,11 +359,6 @@ class _Connection(asyncio.BufferedProtocol):
             self._deliver(data if pos == n else data[:pos])
             return data[pos:] if pos < n else b""
         return data
-
-    def _finish_body_after(self, out: list) -> None:
-        if out:
-            self._push(b"".join(out))
-        self._finish_body()
 
     def _push(self, chunk: bytes) -> None:
         if not chunk:
