@@ -165,6 +165,9 @@ def test_litellm_configs(name):
         names = [e["model_name"] for e in doc["model_list"]]
         assert len(names) == 2 and len(set(names)) == 1, "two deployments of one model name: load balancing"
         assert doc["router_settings"]["num_retries"] >= 1
+        # LiteLLM cools a deployment down once its failures exceed allowed_fails;
+        # anything above 0 lets every retry of a request land on a dead instance
+        assert doc["router_settings"]["allowed_fails"] == 0
 
 
 # -- systemd ------------------------------------------------------------------------
