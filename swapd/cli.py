@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="log rendering: console on a terminal, JSON lines otherwise (auto)",
     )
+    p.add_argument(
+        "--event-loop",
+        choices=osutil.EVENT_LOOPS,
+        default="auto",
+        help="event loop: uvloop when installed (auto; it is a dependency on Linux), or asyncio's own",
+    )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -154,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     for warning in (*config.warnings, *setting_warnings):
         log.warning("config.warning", file=config.path, message=warning)
     try:
-        asyncio.run(serve(config, args))
+        args.loop_name, loop_factory = osutil.event_loop_factory(args.event_loop)
+    except RuntimeError as exc:
+        print(f"swapd: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(config, args))
     except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch this
         pass
     except OSError as exc:
@@ -173,7 +185,7 @@ async def serve(config, args) -> None:
     loop = asyncio.get_running_loop()
     if not osutil.set_child_subreaper():
         log.warning("swapd.no_subreaper", detail="orphaned backend grandchildren will not be reaped by swapd")
-    loop.add_signal_handler(signal.SIGCHLD, CHILDREN.reap_orphans)
+    stop_watching_orphans = osutil.watch_orphans(loop, CHILDREN.reap_orphans)
 
     app = create_app(config)
     rt = app[RUNTIME]
@@ -206,6 +218,7 @@ async def serve(config, args) -> None:
         url=f"{'https' if ssl_context else 'http'}://{shown}",
         tls=ssl_context is not None,
         version=__version__,
+        event_loop=getattr(args, "loop_name", "asyncio"),
         models=len(config.models),
         hint=(
             "serving all interfaces"
@@ -231,7 +244,7 @@ async def serve(config, args) -> None:
         await reloader.close()
         rt.events.close()  # end log streams and SSE clients so they do not hold the shutdown up
         await runner.cleanup()
-        loop.remove_signal_handler(signal.SIGCHLD)
+        stop_watching_orphans()
         CHILDREN.reap_orphans()
         log.info("swapd.stopped")
 

@@ -7,6 +7,7 @@ made on Linux.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import errno
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -139,3 +141,66 @@ def pdeathsig_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], 
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
     return [wrapper, "--pdeathsig", "KILL", "--", *argv], None
+
+
+# -- event loop and orphan reaping -------------------------------------------------
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+# How often a loop that keeps SIGCHLD to itself (uvloop) checks for zombie
+# children: one waitid() call, and the /proc scan only when one exists.
+ZOMBIE_CHECK_SECONDS = 1.0
+
+
+def event_loop_factory(choice: str):
+    """``(name, factory)`` for ``--event-loop``: ``auto`` is uvloop when it imports, else asyncio's loop.
+
+    The factory goes to ``asyncio.Runner``; None there means asyncio's own
+    loop, set up exactly as ``asyncio.run`` does. Raises ``RuntimeError``
+    when ``uvloop`` is asked for and is not installed.
+    """
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise RuntimeError("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from None
+        else:
+            return "uvloop", uvloop.new_event_loop
+    return "asyncio", None
+
+
+def has_zombie_child() -> bool:
+    """Whether any child of this process has exited and is not yet reaped (nothing is reaped here)."""
+    if not hasattr(os, "waitid"):  # pragma: no cover - not Linux
+        return False
+    try:
+        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # no children at all
+        return False
+
+
+def watch_orphans(loop: asyncio.AbstractEventLoop, reap: Callable[[], object]) -> Callable[[], None]:
+    """Call ``reap`` when children may have exited; return the function that stops it.
+
+    asyncio's loop delivers SIGCHLD, so ``reap`` runs at once. uvloop keeps
+    SIGCHLD for its own subprocesses (it refuses a handler), so there a timer
+    checks every ``ZOMBIE_CHECK_SECONDS`` with one ``waitid`` call and runs
+    ``reap`` only when a zombie exists: an orphan waits at most that long.
+    """
+    try:
+        loop.add_signal_handler(signal.SIGCHLD, reap)
+    except RuntimeError:
+        pass
+    else:
+        return lambda: loop.remove_signal_handler(signal.SIGCHLD)
+    handle = None
+
+    def check() -> None:
+        nonlocal handle
+        if has_zombie_child():
+            reap()
+        handle = loop.call_later(ZOMBIE_CHECK_SECONDS, check)
+
+    handle = loop.call_later(ZOMBIE_CHECK_SECONDS, check)
+    return lambda: handle.cancel()

@@ -13,13 +13,14 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import threading
 import time
 
 import psutil
 import pytest
 
-from helpers import fake_cmd, model, tagged_processes, wait_until
+from helpers import PY, ROOT, fake_cmd, model, tagged_processes, wait_until
 
 
 def _events(s, name):
@@ -433,3 +434,47 @@ def test_command_that_cannot_run_is_reported_clearly(swapd, tmp_path, cmd, reaso
     message = r.json()["error"]["message"]
     assert "cannot run" in message and reason in message, message
     assert s.get("/health").status == 200
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_orphan_that_exits_on_its_own_is_reaped(swapd, loop):
+    """A grandchild orphaned while its backend runs becomes swapd's child; when it exits, swapd reaps it.
+
+    asyncio's loop hands swapd SIGCHLD; uvloop keeps SIGCHLD for itself, so
+    there swapd checks for zombies once a second. Either way no zombie stays.
+    """
+    # the subshell starts `sleep` and exits: sleep is re-parented to swapd (subreaper)
+    cmd = f"sh -c '(sleep 2 &); exec {fake_cmd()}'"
+    s = swapd({"m1": {"cmd": cmd}}, extra_args=("--event-loop", loop))
+    assert s.chat("m1").status == 200
+    events = _events(s, "swapd.listening")
+    assert events and events[0]["event_loop"] == loop
+    swapd_proc = psutil.Process(s.proc.pid)
+
+    def sleepers():
+        out = []
+        for child in swapd_proc.children():
+            try:
+                if child.name() == "sleep" or child.status() == psutil.STATUS_ZOMBIE:
+                    out.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    assert sleepers(), "the orphaned sleep should be swapd's child now"
+    assert wait_until(lambda: not sleepers(), timeout=8), [(p.pid, p.status()) for p in sleepers()]
+    assert "m1" in s.running(), "the backend itself kept running"
+
+
+def test_event_loop_uvloop_without_uvloop_is_a_clear_error(tmp_path):
+    """--event-loop uvloop where uvloop cannot be imported: exit 2 with a message, no traceback."""
+    config = tmp_path / "config.yaml"
+    config.write_text("models:\n  m1:\n    cmd: sleep 100\n    proxy: http://127.0.0.1:9\n")
+    code = (
+        "import sys; sys.modules['uvloop'] = None\n"  # makes `import uvloop` raise ImportError
+        "from swapd.cli import main\n"
+        f"sys.exit(main(['--config', {str(config)!r}, '--event-loop', 'uvloop']))"
+    )
+    proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "uvloop is not installed" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
