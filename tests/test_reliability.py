@@ -449,7 +449,9 @@ def test_orphan_that_exits_on_its_own_is_reaped(swapd, loop):
     s = swapd({"m1": {"cmd": cmd}}, extra_args=() if loop == "default" else ("--event-loop", loop))
     assert s.chat("m1").status == 200
     events = _events(s, "swapd.listening")
-    assert events and events[0]["event_loop"] == ("uvloop" if loop == "default" else loop)
+    expected = "uvloop" if loop == "default" else loop
+    assert events and events[0]["event_loop"] == expected
+    assert _status(s)["event_loop"] == expected, "the loop swapd really runs on"
     swapd_proc = psutil.Process(s.proc.pid)
 
     def sleepers():

@@ -273,6 +273,7 @@ async def handle_status(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     return web.json_response({
         "pid": proc.pid,
+        "event_loop": "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio",
         "tasks": len(asyncio.all_tasks()),
         "fds": proc.num_fds(),
         "children": sorted(c.pid for c in proc.children()),
