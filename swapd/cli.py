@@ -218,7 +218,7 @@ async def serve(config, args) -> None:
         url=f"{'https' if ssl_context else 'http'}://{shown}",
         tls=ssl_context is not None,
         version=__version__,
-        event_loop=getattr(args, "loop_name", "asyncio"),
+        event_loop=args.loop_name,
         models=len(config.models),
         hint=(
             "serving all interfaces"

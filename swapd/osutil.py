@@ -11,6 +11,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import shutil
 import signal
@@ -99,23 +100,17 @@ def signal_pid(pid: int, sig: int) -> bool:
         raise
 
 
-_setpriv: str | None | bool = False  # False: not looked up yet
-
-
+@functools.cache
 def _pdeathsig_wrapper() -> str | None:
-    """util-linux's setpriv, if it has --pdeathsig (2.33 and later)."""
-    global _setpriv
-    if _setpriv is False:
-        _setpriv = None
-        path = shutil.which("setpriv")
-        if path:
-            try:
-                out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=5).stdout
-            except (OSError, subprocess.SubprocessError):
-                out = ""
-            if "--pdeathsig" in out:
-                _setpriv = path
-    return _setpriv
+    """util-linux's setpriv, if it has --pdeathsig (2.33 and later); looked up once."""
+    path = shutil.which("setpriv")
+    if not path:
+        return None
+    try:
+        out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if "--pdeathsig" in out else None
 
 
 def pdeathsig_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], object]:

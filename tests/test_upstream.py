@@ -98,6 +98,19 @@ def serve(handler, check) -> None:
     run(main())
 
 
+def answering(data: bytes, linger: float = 1.0):
+    """A handler that reads one request, writes ``data`` and keeps the connection open ``linger`` seconds."""
+
+    async def handler(script, reader, writer, n):
+        await script.read_request(reader)
+        writer.write(data)
+        await writer.drain()
+        if linger:
+            await asyncio.sleep(linger)
+
+    return handler
+
+
 async def _get(pool: UpstreamPool, url: str, path: str = "/x", method: str = "POST", body=b"{}", **kw):
     resp = await pool.request(method, url + path, CIMultiDict({"Content-Type": "application/json"}), body, **kw)
     data = await resp.read()
@@ -126,12 +139,6 @@ def test_content_length_body_split_anywhere_and_connection_reused(step):
 
 
 def test_request_is_one_write_with_host_and_length():
-    async def handler(script, reader, writer, n):
-        await script.read_request(reader)
-        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(1)
-
     async def check(pool, s):
         resp, data = await _get(pool, s.url, "/v1/chat/completions?a=b%20c", body=b'{"model":"m"}')
         assert resp.status == 204 and data == b""
@@ -143,7 +150,7 @@ def test_request_is_one_write_with_host_and_length():
         assert b"Content-Length: 13" in lines and b"Content-Type: application/json" in lines
         assert body == b'{"model":"m"}'
 
-    serve(handler, check)
+    serve(answering(b"HTTP/1.1 204 No Content\r\n\r\n"), check)
 
 
 @pytest.mark.parametrize("step", [1, 3, 4096])
@@ -230,18 +237,12 @@ def test_head_response_has_no_body_and_stays_reusable():
     ],
 )
 def test_invalid_responses_are_protocol_errors(answer, message):
-    async def handler(script, reader, writer, n):
-        await script.read_request(reader)
-        writer.write(answer)
-        await writer.drain()
-        await asyncio.sleep(1)
-
     async def check(pool, s):
         with pytest.raises(UpstreamProtocolError, match=message):
             await _get(pool, s.url)
         assert pool.idle_count() == 0
 
-    serve(handler, check)
+    serve(answering(answer), check)
 
 
 @pytest.mark.parametrize(
@@ -253,25 +254,14 @@ def test_invalid_responses_are_protocol_errors(answer, message):
     ],
 )
 def test_connection_closed_early_is_broken(answer):
-    async def handler(script, reader, writer, n):
-        await script.read_request(reader)
-        writer.write(answer)
-        await writer.drain()
-
     async def check(pool, s):
         with pytest.raises(UpstreamBroken):
             await _get(pool, s.url)
 
-    serve(handler, check)
+    serve(answering(answer, linger=0), check)
 
 
 def test_bad_chunk_size_is_a_protocol_error():
-    async def handler(script, reader, writer, n):
-        await script.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
-        await writer.drain()
-        await asyncio.sleep(1)
-
     async def check(pool, s):
         resp = await pool.request("GET", s.url + "/", {}, None)
         assert await resp.read_chunk() == b"hello"
@@ -279,7 +269,7 @@ def test_bad_chunk_size_is_a_protocol_error():
             await resp.read_chunk()
         resp.close()
 
-    serve(handler, check)
+    serve(answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"), check)
 
 
 def test_stale_keepalive_connection_is_retried_once_on_a_new_one():
