@@ -13,7 +13,7 @@ import asyncio
 import pytest
 from multidict import CIMultiDict
 
-from swapd.server import upstream
+from swapd.server import upstream, upstream_parse
 from swapd.server.upstream import (
     SINK_FULL,
     SINK_GONE,
@@ -227,13 +227,27 @@ def test_head_response_has_no_body_and_stays_reusable():
 @pytest.mark.parametrize(
     "answer, message",
     [
-        (b"SSH-2.0-OpenSSH\r\n\r\n", "status line"),
-        (b"HTTP/1.1 2000 OK\r\n\r\n", "status line"),
-        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "Expected HTTP/"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "status"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "header token"),
+        # the defects a hostile backend found in the hand-written parser (issue 11)
+        ("HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\n".encode(), "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\nhi", "Content-Length"),
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi", "CR"),
+        (b"HTTP/1.1 200 OK\r\nX-A: one\rtwo\r\nContent-Length: 2\r\n\r\nhi", "LF"),
+        (b"HTTP/1.1 200 OK\r\nX-A: one\ntwo\r\nContent-Length: 2\r\n\r\nhi", "header"),
+        (b"HTTP/1.1 200 OK\r\nX-A: one\x00two\r\nContent-Length: 2\r\n\r\nhi", "header value char"),
+        (b'HTTP/1.1 200 OK\r\nContent-Disposition: filename="caf\xe9.txt"\r\nContent-Length: 2\r\n\r\nhi',
+         "not UTF-8"),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" * 3000 + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", "interim"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", "Transfer-Encoding"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", "101"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+         "Content-Length"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", "Content-Length"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "Transfer-Encoding"),
-        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (upstream.MAX_HEAD_BYTES + 10), "exceed"),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (upstream_parse.MAX_HEAD_BYTES + 10), "exceed"),
     ],
 )
 def test_invalid_responses_are_protocol_errors(answer, message):
@@ -272,14 +286,18 @@ def test_bad_chunk_size_is_a_protocol_error():
     serve(answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"), check)
 
 
-def test_stale_keepalive_connection_is_retried_once_on_a_new_one():
+def test_pooled_connection_closed_by_the_backend_is_not_used():
+    """The backend's keep-alive timer closed the idle connection: swapd sees the EOF before writing."""
+    closed = asyncio.Event()
+
     async def handler(script, reader, writer, n):
         await script.read_request(reader)
         if n == 0:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
             await writer.drain()
-            # the backend's keep-alive timer fires as the next request arrives: close without answering
-            await script.read_request(reader)
+            writer.close()  # idle timeout on the backend's side
+            await writer.wait_closed()
+            closed.set()
             return
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
         await writer.drain()
@@ -287,13 +305,38 @@ def test_stale_keepalive_connection_is_retried_once_on_a_new_one():
 
     async def check(pool, s):
         assert (await _get(pool, s.url))[1] == b"first"
+        await closed.wait()
+        # not a loop turn in between: the EOF is in the kernel, not yet seen by the event loop
         assert (await _get(pool, s.url))[1] == b"second"
-        assert s.connections == 2 and len(s.requests) == 3
+        assert s.connections == 2 and len(s.requests) == 2  # nothing was sent on the dead connection
 
     serve(handler, check)
 
 
-def test_stale_connection_is_not_retried_twice_and_streamed_bodies_use_fresh_ones():
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_a_request_written_to_a_connection_that_then_closes_is_never_sent_again(method):
+    """aiohttp retries only idempotent methods; swapd retries nothing that reached the backend."""
+
+    async def handler(script, reader, writer, n):
+        await script.read_request(reader)
+        if n == 0:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await script.read_request(reader)  # takes the whole second request, then hangs up
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async def check(pool, s):
+        await _get(pool, s.url, method=method)
+        with pytest.raises(UpstreamBroken):
+            await _get(pool, s.url, method=method)
+        assert s.connections == 1 and len(s.requests) == 2  # the backend saw it once, and only once
+
+    serve(handler, check)
+
+
+def test_streamed_bodies_use_fresh_connections():
     async def handler(script, reader, writer, n):
         await script.read_request(reader)
         if n == 0:
@@ -310,10 +353,10 @@ def test_stale_connection_is_not_retried_twice_and_streamed_bodies_use_fresh_one
         await _get(pool, s.url)
         with pytest.raises(UpstreamBroken):
             await _get(pool, s.url)
-        assert s.connections == 2  # the stale one, then exactly one retry
+        assert s.connections == 1  # written to the pooled connection, so not sent again
         with pytest.raises(UpstreamBroken):
             await _get(pool, s.url, body=body())
-        assert s.connections == 3
+        assert s.connections == 2
         assert s.requests[-1].endswith(b"part1 part2")
         assert b"Transfer-Encoding: chunked" in s.requests[-1]
 
@@ -385,14 +428,14 @@ def test_slow_reader_pauses_the_backend():
 
     async def check(pool, s):
         resp = await pool.request("GET", s.url + "/", {}, None)
-        conn = resp._conn
+        exchange = resp._exchange
         await asyncio.sleep(0.5)  # the backend could send everything in this time
-        assert not conn.transport.is_reading()
-        assert conn._buffered <= upstream.HIGH_WATER + 256 * 1024
+        assert not exchange.conn.transport.is_reading()
+        assert exchange.buffered <= upstream.HIGH_WATER + 256 * 1024
         received = 0
         while chunk := await resp.read_chunk():
             received += len(chunk)
-            assert conn._buffered <= upstream.HIGH_WATER + 256 * 1024
+            assert exchange.buffered <= upstream.HIGH_WATER + 256 * 1024
         assert received == total
         resp.release()
 
@@ -404,15 +447,15 @@ def test_splice_forwards_pauses_on_a_full_sink_and_stops_when_the_client_is_gone
     answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
     async def handler(script, reader, writer, n):
-        await script.read_request(reader)
-        writer.write(answer)
-        for event in events:
-            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        while True:  # keep-alive: the second request comes on the pooled connection
+            await script.read_request(reader)
+            writer.write(answer)
+            for event in events:
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+                await asyncio.sleep(0.002)
+            writer.write(b"0\r\n\r\n")
             await writer.drain()
-            await asyncio.sleep(0.002)
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(1)
 
     async def check(pool, s):
         got = []
@@ -425,7 +468,7 @@ def test_splice_forwards_pauses_on_a_full_sink_and_stops_when_the_client_is_gone
         async def drain():
             nonlocal drains
             drains += 1
-            assert not resp._conn.transport.is_reading()  # reading stopped while the client was full
+            assert not resp._exchange.conn.transport.is_reading()  # reading stopped while the client was full
             await asyncio.sleep(0.01)
 
         resp = await pool.request("GET", s.url + "/", {}, None)
@@ -439,7 +482,7 @@ def test_splice_forwards_pauses_on_a_full_sink_and_stops_when_the_client_is_gone
             return SINK_GONE
 
         resp = await pool.request("GET", s.url + "/", {}, None)
-        conn = resp._conn
+        conn = resp._exchange.conn
         with pytest.raises(ClientGone):
             await resp.splice(gone, drain)
         resp.close()
@@ -451,7 +494,7 @@ def test_splice_forwards_pauses_on_a_full_sink_and_stops_when_the_client_is_gone
 
 @pytest.mark.parametrize("step", [1, 5, 9, 100000])
 def test_splice_to_a_chunked_client_keeps_valid_framing(step):
-    """Whole chunks pass through as they came; cut or unusual ones (extensions) are re-framed; the last chunk is left to the caller."""
+    """Each read's body bytes go out as one valid chunk, however the backend cut them; the last chunk is left to the caller."""
     chunks = b"7\r\ndata: 1\r\n19;name=x\r\ndata: a longer event here\r\nA\r\nfirst half\r\n2\r\n\n\n\r\n"
     tail = b"0\r\nX-Trailer: y\r\n\r\n"
 
@@ -470,22 +513,7 @@ def test_splice_to_a_chunked_client_keeps_valid_framing(step):
         resp.release()
         out = b"".join(got)
         assert dechunk(out + b"0\r\n\r\n") == b"data: 1data: a longer event herefirst half\n\n"
-        if step == 100000:  # one read: the chunks before the unusual one went out byte for byte
-            assert out.startswith(b"7\r\ndata: 1\r\n")
-
-    serve(handler, check)
-
-
-def test_content_length_beside_chunked_is_dropped():
-    async def handler(script, reader, writer, n):
-        await script.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"5\r\nhello\r\n0\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(1)
-
-    async def check(pool, s):
-        resp, data = await _get(pool, s.url)
-        assert data == b"hello" and "Content-Length" not in resp.headers
+        if step == 100000:  # one read: one write, one chunk
+            assert len(got) == 1
 
     serve(handler, check)

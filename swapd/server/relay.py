@@ -16,9 +16,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from swapd.config import Timeouts
+from swapd.server.client_sink import client_sink
 from swapd.server.upstream import (
-    SINK_FULL,
-    SINK_GONE,
     ClientGone,
     UpstreamBroken,
     UpstreamFault,
@@ -49,18 +48,9 @@ _HOP_BY_HOP = frozenset(
 )
 _RESPONSE_DROP = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Trailer", "Upgrade"))
 
-
-class _CoalescedResponse(web.StreamResponse):
-    """A relayed response whose length the backend declared (a whole JSON answer).
-
-    Its status line and headers leave in the same write as the first body
-    bytes (as ``web.Response`` does) instead of in a write of their own: one
-    send and one client wake-up fewer per request. Streams (event streams,
-    chunked bodies) keep ``web.StreamResponse``, whose headers go out at
-    once, so a client sees the status before the first token.
-    """
-
-    _send_headers_immediately = False
+# A whole answer (declared length, not an event stream) up to this size is read
+# and sent as one web.Response: status line, headers and body in one write.
+WHOLE_BODY_LIMIT = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -72,14 +62,25 @@ class UpstreamError(Exception):
         self.code = code
 
 
-def forward_headers(request: web.Request) -> CIMultiDict:
-    headers = CIMultiDict()
+CREDENTIAL_HEADERS = frozenset(("authorization", "x-api-key"))
+
+
+def forward_headers(request: web.Request, drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    """The client's headers as a backend should get them.
+
+    Hop-by-hop headers go, and so does the credential that authenticated the
+    client to swapd (the access middleware names it in
+    ``request["swapd.credential"]``): swapd's own key never leaves swapd.
+    ``drop`` names more headers to leave out (lower case).
+    """
+    headers: CIMultiDict[str] = CIMultiDict()
     connection_tokens = {
         t.strip().lower() for t in request.headers.get("Connection", "").split(",") if t.strip()
     }
+    used_credential = request.get("swapd.credential", frozenset())
     for name, value in request.headers.items():
         lname = name.lower()
-        if lname in _HOP_BY_HOP or lname in connection_tokens:
+        if lname in _HOP_BY_HOP or lname in connection_tokens or lname in used_credential or lname in drop:
             continue
         headers.add(name, value)
     peer = request.remote
@@ -115,28 +116,6 @@ class _AiohttpUpstream:
         self._resp.close()
 
 
-def _client_sink(request: web.Request):
-    """A sink for UpstreamResponse.splice: body bytes go to the client's socket as they arrive.
-
-    The response's headers are already out. aiohttp chose the framing in
-    ``prepare``: chunked for HTTP/1.1 (the splice keeps it, and ``write_eof``
-    sends the last chunk), raw until close for HTTP/1.0.
-    """
-    transport = request.transport
-    high = transport.get_write_buffer_limits()[1]
-    write = transport.write
-    buffered = transport.get_write_buffer_size
-    is_closing = transport.is_closing
-
-    def sink(data: bytes) -> int:
-        if is_closing():
-            return SINK_GONE
-        write(data)
-        return SINK_FULL if buffered() > high else 0
-
-    return sink
-
-
 async def _open(rt_pool: UpstreamPool, session: aiohttp.ClientSession, request: web.Request, url: str, body,
                 headers: CIMultiDict, content_length: int | None, connect_timeout: float | None):
     if url.startswith("http://"):
@@ -162,13 +141,16 @@ async def relay(
     timeouts: Timeouts | None = None,
     content_length: int | None = None,
     extra_headers: dict[str, str] | None = None,
+    drop_headers: frozenset[str] = frozenset(),
 ) -> web.StreamResponse:
     """Send ``body`` to ``url`` and stream the backend's response to the client.
 
     ``prepared`` is a response whose headers already went out (the loading
-    stream); then only the backend's body follows on it.
+    stream); then only the backend's body follows on it. ``extra_headers``
+    are set on the request (a backend's or peer's own key); ``drop_headers``
+    are left out of it.
     """
-    headers = forward_headers(request)
+    headers = forward_headers(request, drop_headers)
     if extra_headers:
         headers.update(extra_headers)
     connect_timeout = timeouts.connect if timeouts is not None and timeouts.connect else DEFAULT_CONNECT_TIMEOUT
@@ -196,21 +178,34 @@ async def relay(
         upstream_headers = upstream.headers
         content_type = upstream_headers.get("Content-Type", "")
         event_stream = content_type.startswith("text/event-stream")
-        whole = not event_stream and "Content-Length" in upstream_headers
-        cls = _CoalescedResponse if whole else web.StreamResponse
-        response = cls(status=upstream.status, reason=upstream.reason or None)
-        out = response.headers
-        for name, value in upstream_headers.items():
-            if name.lower() not in _RESPONSE_DROP:
-                out.add(name, value)
+        length = upstream_headers.get("Content-Length")
+        if (
+            not event_stream
+            and length is not None
+            and int(length) <= WHOLE_BODY_LIMIT
+            and request.method != "HEAD"
+            and upstream.status not in (204, 304)
+        ):
+            # a whole JSON answer: usually already here with the headers; one write to the client
+            try:
+                body_bytes = await upstream.read()
+            except UpstreamFault as exc:
+                raise UpstreamError(502, f"model {model_id}: backend broke off its response: {exc}",
+                                    "backend_bad_response") from exc
+            out: CIMultiDict[str] = CIMultiDict()
+            _copy_headers(upstream_headers, out, skip_length=True)
+            clean = True
+            return web.Response(status=upstream.status, reason=upstream.reason or None, body=body_bytes, headers=out)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
+        _copy_headers(upstream_headers, response.headers)
         if event_stream:
-            out["X-Accel-Buffering"] = "no"
-            out.setdefault("Cache-Control", "no-cache")
+            response.headers["X-Accel-Buffering"] = "no"
+            response.headers.setdefault("Cache-Control", "no-cache")
         await response.prepare(request)
         try:
-            if not whole and isinstance(upstream, UpstreamResponse) and request.transport is not None:
-                chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
-                await upstream.splice(_client_sink(request), request.writer.drain, chunked)
+            sink = client_sink(request, response) if isinstance(upstream, UpstreamResponse) and length is None else None
+            if sink is not None:
+                await upstream.splice(sink[0], request.writer.drain, sink[1])
             else:
                 read_chunk = upstream.read_chunk
                 write = response.write
@@ -229,6 +224,14 @@ async def relay(
             upstream.release()
         else:
             upstream.close()
+
+
+def _copy_headers(source: CIMultiDict[str], out: CIMultiDict[str], skip_length: bool = False) -> None:
+    for name, value in source.items():
+        lname = name.lower()
+        if lname in _RESPONSE_DROP or (skip_length and lname == "content-length"):
+            continue
+        out.add(name, value)
 
 
 async def _broken_mid_response(request: web.Request, response: web.StreamResponse, model_id: str,

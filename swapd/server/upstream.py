@@ -2,52 +2,64 @@
 
 aiohttp's ``ClientSession`` was the largest single cost of a relayed request
 (about half of swapd's CPU per request, see docs/performance.md). This client
-does only what a reverse proxy needs, on a bare ``asyncio.Protocol``:
+does only what a reverse proxy needs, on a bare ``asyncio.BufferedProtocol``:
 
 - one write per request (request line, headers and a bytes body together);
-- keep-alive connections pooled per backend address, with one retry on a
-  fresh connection when a reused one turns out to have been closed by the
-  backend before it answered (only for bodies that can be sent again);
-- response framing by Content-Length, chunked transfer coding (decoded here,
-  trailers dropped) or end of connection; 1xx interim responses skipped;
+- keep-alive connections pooled per backend address; a pooled connection is
+  checked with one ``poll`` before it is used, and a request is sent again on
+  a new connection only when none of it reached the old one (see ``request``);
+- the response's bytes are parsed by llhttp (``upstream_parse``): framing by
+  Content-Length, chunked coding (decoded here, trailers dropped) or the end
+  of the connection; 1xx interim responses skipped;
 - bytes are passed through untouched: no decompression, no header rewriting;
-- backpressure both ways: reading from the backend pauses while more than
-  ``HIGH_WATER`` bytes wait for the client, and a streamed request body
-  waits for the backend's socket to drain.
+- backpressure both ways, in one ``FlowControl`` per connection: reading
+  from the backend pauses while more than ``HIGH_WATER`` bytes wait for the
+  client, and a streamed request body waits for the backend's socket.
+
+Each request on a connection gets its own ``_Exchange``: the state of one
+response lives in one object that is thrown away with it.
 
 Errors: ``UpstreamConnectError`` (could not connect or send), ``TimeoutError``
 from the caller's deadlines, ``UpstreamProtocolError`` (the answer is not
-HTTP), and ``UpstreamBroken`` (the connection ended before the response was
-complete). https URLs do not come here; relay.py sends them through aiohttp.
+HTTP, or could not be relayed unchanged), and ``UpstreamBroken`` (the
+connection ended before the response was complete). https URLs do not come
+here; relay.py sends them through aiohttp.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
+from swapd.server.upstream_parse import ResponseParser, UpstreamFault, UpstreamProtocolError
+
+__all__ = [
+    "SINK_FULL",
+    "SINK_GONE",
+    "ClientGone",
+    "UpstreamBroken",
+    "UpstreamConnectError",
+    "UpstreamFault",
+    "UpstreamPool",
+    "UpstreamProtocolError",
+    "UpstreamResponse",
+]
+
 HIGH_WATER = 256 * 1024  # response bytes buffered for a slow client before reading pauses
-LOW_WATER = 64 * 1024
-MAX_HEAD_BYTES = 64 * 1024  # status line plus headers
-MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
 MAX_IDLE_PER_ADDRESS = 128
 IDLE_REUSE_SECONDS = 4.0  # llama-server and uvicorn close idle keep-alive connections after 5 s
-
-
-class UpstreamFault(Exception):
-    """Base of the errors this client raises."""
+READ_SIZE = 256 * 1024  # as much as asyncio's own recv() asks for
 
 
 class UpstreamConnectError(UpstreamFault):
     """The backend could not be connected to, or the request could not be sent."""
-
-
-class UpstreamProtocolError(UpstreamFault):
-    """The backend's answer is not valid HTTP/1.x."""
 
 
 class UpstreamBroken(UpstreamFault):
@@ -62,60 +74,241 @@ class ClientGone(Exception):
 SINK_FULL = 1
 SINK_GONE = 2
 
-
-class _Retry(Exception):
-    """A reused connection was closed before any answer: send again on a new one."""
+Sink = Callable[[bytes], int]
 
 
-_NO_BODY_STATUS = frozenset((204, 304))
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
+class _Unsent(Exception):
+    """A pooled connection was found closed before any byte of the request was written."""
 
 
-def _parse_head(head: bytes) -> tuple[int, str, CIMultiDict, bool, str]:
-    """Status, reason, headers, keep-alive, and the framing: 'chunked', 'length' or 'close'."""
-    lines = head.split(b"\r\n")
-    status_line = lines[0]
-    parts = status_line.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
-        raise UpstreamProtocolError(f"not an HTTP/1.x status line: {status_line[:100]!r}")
-    version = parts[0]
-    status = int(parts[1])
-    reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
-    headers: CIMultiDict = CIMultiDict()
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name:
-            raise UpstreamProtocolError(f"malformed header line: {line[:100]!r}")
-        headers.add(name.decode("latin-1"), value.strip(b" \t").decode("utf-8", "surrogateescape"))
-    connection = headers.get("Connection", "").lower()
-    if version == b"HTTP/1.0":
-        keep_alive = "keep-alive" in connection
-    else:
-        keep_alive = "close" not in connection
-    framing = "close"
-    te = headers.get("Transfer-Encoding")
-    if te is not None:
-        if te.lower().rsplit(",", 1)[-1].strip() != "chunked":
-            raise UpstreamProtocolError(f"unsupported Transfer-Encoding: {te[:100]}")
-        framing = "chunked"
-        # RFC 9112 6.3: chunked framing wins, and a Content-Length beside it
-        # must not reach the client, whose body would not match it
-        headers.popall("Content-Length", None)
-    else:
-        cl = headers.getall("Content-Length", None)
-        if cl is not None:
-            values = {v.strip() for v in cl}
-            if len(values) != 1 or not next(iter(values)).isdigit():
-                raise UpstreamProtocolError(f"invalid Content-Length: {cl!r}")
-            framing = "length"
-    return status, reason, headers, keep_alive, framing
+class FlowControl:
+    """Backpressure on one backend connection, both ways.
+
+    Reading pauses when the client cannot keep up (``pause_reading``); our
+    writes wait in ``drain`` while the backend's socket buffer is full (the
+    transport calls ``pause_writing``/``resume_writing``).
+    """
+
+    __slots__ = ("_transport", "read_paused", "write_paused", "_drain_waiter")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.read_paused = False
+        self.write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and not self._transport.is_closing():
+            self.read_paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            if not self._transport.is_closing():
+                self._transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake()
+
+    def connection_lost(self) -> None:
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self) -> None:
+        if self.write_paused and not self._transport.is_closing():
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
 
 
-READ_SIZE = 256 * 1024  # as much as asyncio's own recv() asks for
+class _Exchange:
+    """One request's response on a connection: its parser, head, body queue and splice sink."""
+
+    __slots__ = (
+        "conn",
+        "parser",
+        "head_waiter",
+        "head",
+        "keep_alive",
+        "chunks",
+        "buffered",
+        "body_waiter",
+        "done",
+        "error",
+        "sink",
+        "sink_chunked",
+        "sink_blocked",
+        "got_any",
+        "spoilt",
+    )
+
+    def __init__(self, conn: _Connection, no_body: bool) -> None:
+        self.conn = conn
+        self.parser = ResponseParser(self, no_body)
+        self.head_waiter: asyncio.Future[None] = conn.loop.create_future()
+        self.head: tuple[int, str, CIMultiDict[str]] | None = None
+        self.keep_alive = False
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.body_waiter: asyncio.Future[None] | None = None
+        self.done = False
+        self.error: BaseException | None = None
+        self.sink: Sink | None = None
+        self.sink_chunked = False
+        self.sink_blocked = False
+        self.got_any = False
+        self.spoilt = False  # bytes after the response: the connection's framing cannot be trusted
+
+    # -- from the connection -------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self.got_any = True
+        if self.done:
+            self.bytes_after_response()
+            return
+        try:
+            self.parser.feed(data)
+        except (UpstreamFault, ClientGone) as exc:  # ClientGone: raised by the sink while delivering
+            self.fail(exc)
+        except Exception as exc:  # never leave a waiter hanging, whatever broke
+            self.fail(UpstreamProtocolError(f"response could not be read: {type(exc).__name__}: {exc}"))
+
+    def lost(self, exc: Exception | None) -> None:
+        if self.head is None:
+            reason = f": {exc}" if exc else ""
+            self._fail_head(UpstreamBroken(f"backend closed the connection before answering{reason}"))
+        elif not self.done:
+            if exc is None and self.parser.eof():
+                return
+            reason = f" ({exc})" if exc else ""
+            self.fail(UpstreamBroken(f"backend closed the connection mid-response{reason}"))
+
+    # -- ResponseHandler -------------------------------------------------------------
+
+    def head_received(self, status: int, reason: str, headers: CIMultiDict[str], keep_alive: bool) -> None:
+        self.head = (status, reason, headers)
+        self.keep_alive = keep_alive
+        if not self.head_waiter.done():
+            self.head_waiter.set_result(None)
+
+    def body_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            self._deliver(sink, b"%x\r\n%b\r\n" % (len(data), data) if self.sink_chunked else data)
+            return
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > HIGH_WATER:
+            self.conn.flow.pause_reading()
+        self._wake()
+
+    def message_done(self) -> None:
+        self.done = True
+        self._wake()
+
+    def bytes_after_response(self) -> None:
+        self.spoilt = True
+
+    # -- failures ----------------------------------------------------------------------
+
+    def fail(self, exc: BaseException) -> None:
+        if self.head is None:
+            self._fail_head(exc)
+            return
+        if not self.done:
+            self.error = exc
+            self.done = True
+        self.spoilt = True
+        self._wake()
+        self.conn.close()
+
+    def _fail_head(self, exc: BaseException) -> None:
+        self.spoilt = True
+        if not self.head_waiter.done():
+            self.head_waiter.set_exception(exc)
+        self.conn.close()
+
+    def _wake(self) -> None:
+        waiter = self.body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _deliver(self, sink: Sink, data: bytes) -> None:
+        """Write bytes, already framed for the client, through the splice sink."""
+        verdict = sink(data)
+        if verdict:
+            if verdict == SINK_GONE:
+                raise ClientGone("the client went away")
+            self.sink_blocked = True  # the client's socket is full: stop reading until it drains
+            self.conn.flow.pause_reading()
+            self._wake()
+
+    @property
+    def reusable(self) -> bool:
+        return self.done and self.error is None and self.keep_alive and not self.spoilt and not self.chunks
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def _wait(self) -> None:
+        self.body_waiter = self.conn.loop.create_future()
+        try:
+            await self.body_waiter
+        finally:
+            self.body_waiter = None
+
+    async def read_chunk(self) -> bytes:
+        while True:
+            chunks = self.chunks
+            if chunks:
+                # everything that arrived since the last read goes out in one write
+                chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self.buffered = 0
+                self.conn.flow.resume_reading()
+                return chunk
+            if self.done:
+                if self.error is not None:
+                    raise self.error
+                return b""
+            await self._wait()
+
+    async def splice(self, sink: Sink, drain: Callable[[], Awaitable[None]], chunked: bool) -> None:
+        self.sink = sink
+        self.sink_chunked = chunked
+        flow = self.conn.flow
+        try:
+            if self.chunks:
+                pending = b"".join(self.chunks)
+                self.chunks.clear()
+                self.buffered = 0
+                self._deliver(sink, b"%x\r\n%b\r\n" % (len(pending), pending) if chunked else pending)
+            while True:
+                if self.sink_blocked:
+                    await drain()
+                    self.sink_blocked = False
+                flow.resume_reading()
+                if self.done:
+                    break
+                await self._wait()
+        finally:
+            self.sink = None
+        if self.error is not None:
+            raise self.error
 
 
 class _Connection(asyncio.BufferedProtocol):
-    """One keep-alive connection to a backend; carries one request at a time.
+    """One keep-alive connection to a backend; carries one exchange at a time.
 
     A BufferedProtocol: asyncio then reads with ``recv_into`` into one
     buffer that the pool's connections share, instead of ``recv(256 KiB)``,
@@ -125,397 +318,88 @@ class _Connection(asyncio.BufferedProtocol):
     the pool's loop, and ``buffer_updated`` copies the bytes out at once.
     """
 
-    def __init__(self, pool: "UpstreamPool", key: tuple[str, int]) -> None:
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
         self._pool = pool
         self.key = key
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self._read_view = pool._read_view
+        self.flow: FlowControl
+        self._read_view = pool.read_view
         self.closed = False
-        self.reused = False
         self.idle_since = 0.0
-        self._loop = asyncio.get_running_loop()
-        # write side
-        self._write_paused = False
-        self._drain: asyncio.Future | None = None
-        # response side
-        self._head_buf = bytearray()
-        self._head_waiter: asyncio.Future | None = None
-        self._head: tuple | None = None
-        self._got_any = False
-        self._no_body = False
-        self._framing = ""
-        self._remaining = 0  # bytes left in a length body or in the current chunk
-        self._chunk_state = 0  # 0: size line, 1: data, 2: CRLF after data, 3: trailers
-        self._line = bytearray()
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._read_paused = False
-        self._body_waiter: asyncio.Future | None = None
-        self.body_done = False
-        self.body_error: BaseException | None = None
-        self.reusable = False
-        self.in_use = False
-        self._sink = None
-        self._sink_chunked = False
-        self._sink_blocked = False
+        self.exchange: _Exchange | None = None
 
-    # -- asyncio.Protocol -------------------------------------------------------
+    # -- asyncio.BufferedProtocol -----------------------------------------------------
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        self.flow = FlowControl(self.transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._read_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(self._read_view[:nbytes]))
+        exchange = self.exchange
+        if exchange is None:
+            # bytes nobody asked for: the connection's framing cannot be trusted
+            self.close()
+            return
+        exchange.feed(bytes(self._read_view[:nbytes]))
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._pool._forget(self)
-        if self._head is None and self._head_waiter is not None and not self._head_waiter.done():
-            if self.reused and not self._got_any:
-                self._head_waiter.set_exception(_Retry())
-            else:
-                reason = f": {exc}" if exc else ""
-                self._head_waiter.set_exception(UpstreamBroken(f"backend closed the connection before answering{reason}"))
-        elif self._head is not None and not self.body_done:
-            if self._framing == "close" and exc is None:
-                self._finish_body()
-            else:
-                reason = f" ({exc})" if exc else ""
-                self._fail_body(UpstreamBroken(f"backend closed the connection mid-response{reason}"))
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._pool.forget(self)
+        if self.exchange is not None:
+            self.exchange.lost(exc)
+        self.flow.connection_lost()
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         return False  # close our side too
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self.flow.resume_writing()
 
-    def data_received(self, data: bytes) -> None:
-        self._got_any = True
-        if not self.in_use:
-            # bytes nobody asked for: the connection's framing cannot be trusted
-            self.transport.close()
-            return
-        if self._head is None:
-            self._head_buf += data
-            end = self._head_buf.find(b"\r\n\r\n")
-            if end == -1:
-                if len(self._head_buf) > MAX_HEAD_BYTES:
-                    self._fail_head(UpstreamProtocolError(f"response headers exceed {MAX_HEAD_BYTES} bytes"))
-                return
-            if end > MAX_HEAD_BYTES:
-                self._fail_head(UpstreamProtocolError(f"response headers exceed {MAX_HEAD_BYTES} bytes"))
-                return
-            head = bytes(self._head_buf[:end])
-            rest = bytes(self._head_buf[end + 4:])
-            self._head_buf.clear()
-            try:
-                parsed = _parse_head(head)
-            except UpstreamProtocolError as exc:
-                self._fail_head(exc)
-                return
-            status = parsed[0]
-            if 100 <= status < 200:  # interim (100 Continue, 103 Early Hints): wait for the real one
-                if rest:
-                    self.data_received(rest)
-                return
-            self._start_body(parsed)
-            if self._head_waiter is not None and not self._head_waiter.done():
-                self._head_waiter.set_result(None)
-            if not rest:
-                return
-            if self.body_done:
-                self.reusable = False  # bytes after a complete response
-                return
-            data = rest
-        if self.body_done:
-            self.reusable = False
-            return
-        if self._framing == "chunked":
-            if self._sink_chunked and self._chunk_state == 0 and not self._line:
-                data = self._pass_chunks(data)  # whole chunks go to the client as they came
-                if not data:
-                    return
-            out = self._decode_chunked(data)
-        elif self._framing == "length":
-            if len(data) >= self._remaining:
-                if len(data) > self._remaining:
-                    self.reusable = False
-                out = data[: self._remaining]
-                self._remaining = 0
-                self._push(out)
-                self._finish_body()
-                return
-            self._remaining -= len(data)
-            out = data
-        else:
-            out = data
-        if out:
-            self._push(out)
+    # -- used by the pool --------------------------------------------------------------
 
-    # -- response parsing -------------------------------------------------------
-
-    def _start_body(self, parsed) -> None:
-        status, reason, headers, keep_alive, framing = parsed
-        self._head = (status, reason, headers)
-        self.reusable = keep_alive
-        self._framing = framing
-        if self._no_body or status in _NO_BODY_STATUS:
-            self._finish_body()
-        elif framing == "length":
-            self._remaining = int(headers["Content-Length"])
-            if self._remaining == 0:
-                self._finish_body()
-        elif framing == "close":
-            self.reusable = False
-
-    def _decode_chunked(self, data: bytes) -> bytes:
-        out = []
-        pos = 0
-        n = len(data)
-        while pos < n and not self.body_done:
-            state = self._chunk_state
-            if state == 1:  # chunk data
-                take = min(self._remaining, n - pos)
-                out.append(data[pos:pos + take])
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._chunk_state = 2
-                continue
-            # a line: size line, the CRLF after data, or a trailer line
-            nl = data.find(b"\n", pos)
-            if nl == -1:
-                self._line += data[pos:]
-                if len(self._line) > MAX_CHUNK_LINE:
-                    self._fail_body(UpstreamProtocolError("chunked body: line too long"))
-                return b"".join(out)
-            if self._line:
-                self._line += data[pos:nl]
-                line = bytes(self._line)
-                self._line.clear()
-            else:
-                line = data[pos:nl]
-            pos = nl + 1
-            line = line.rstrip(b"\r")
-            if state == 0:
-                size_text = line.split(b";", 1)[0].strip(b" \t")
-                if not size_text or len(size_text) > 16 or size_text.strip(_HEX_DIGITS):
-                    self._fail_body(UpstreamProtocolError(f"chunked body: bad chunk size {size_text[:40]!r}"))
-                    return b"".join(out)
-                size = int(size_text, 16)
-                if size == 0:
-                    self._chunk_state = 3
-                else:
-                    self._remaining = size
-                    self._chunk_state = 1
-            elif state == 2:
-                if line:
-                    self._fail_body(UpstreamProtocolError("chunked body: missing CRLF after chunk data"))
-                    return b"".join(out)
-                self._chunk_state = 0
-            else:  # trailers end with an empty line
-                if not line:
-                    if pos < n:
-                        self.reusable = False
-                    if out:
-                        self._push(b"".join(out))
-                    self._finish_body()
-                    return b""
-        return b"".join(out)
-
-    def _pass_chunks(self, data: bytes) -> bytes:
-        """Forward the whole chunks at the start of ``data`` without decoding them.
-
-        The client is chunked too, so valid chunks can go out byte for byte in
-        one write. Stops at the last chunk, at anything unusual (extensions,
-        a chunk cut by the read) and returns what is left for the decoder.
-        """
-        pos = 0
-        n = len(data)
-        find = data.find
-        while pos < n:
-            eol = find(b"\r\n", pos, pos + 18)
-            if eol <= pos:
-                break
-            size_text = data[pos:eol]
-            if size_text.strip(_HEX_DIGITS):
-                break
-            size = int(size_text, 16)
-            end = eol + 2 + size
-            if size == 0 or end + 2 > n or data[end:end + 2] != b"\r\n":
-                break
-            pos = end + 2
-        if pos:
-            self._deliver(data if pos == n else data[:pos])
-            return data[pos:] if pos < n else b""
-        return data
-
-    def _push(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        if self._sink is not None:
-            self._deliver(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._sink_chunked else chunk)
-            return
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered > HIGH_WATER and not self._read_paused and not self.closed:
-            self._read_paused = True
-            self.transport.pause_reading()
-        waiter = self._body_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _deliver(self, data: bytes) -> None:
-        """Write bytes, already framed for the client, through the splice sink."""
-        verdict = self._sink(data)
-        if verdict:
-            if verdict == SINK_GONE:
-                self._fail_body(ClientGone("the client went away"))
-                return
-            self._sink_blocked = True  # the client's socket is full: stop reading until it drains
-            if not self._read_paused and not self.closed:
-                self._read_paused = True
-                self.transport.pause_reading()
-            waiter = self._body_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-
-    def _finish_body(self) -> None:
-        self.body_done = True
-        waiter = self._body_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _fail_body(self, exc: BaseException) -> None:
-        self.reusable = False
-        if not self.body_done:
-            self.body_error = exc
-            self.body_done = True
-        waiter = self._body_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
-    def _fail_head(self, exc: BaseException) -> None:
-        self.reusable = False
-        if self._head_waiter is not None and not self._head_waiter.done():
-            self._head_waiter.set_exception(exc)
-        self.transport.close()
+    def begin(self, no_body: bool) -> _Exchange:
+        self.exchange = _Exchange(self, no_body)
+        return self.exchange
 
-    # -- used by UpstreamResponse and UpstreamPool ---------------------------
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
 
-    def begin(self, no_body: bool) -> None:
-        self.in_use = True
-        self._no_body = no_body
-        self._head = None
-        self._head_buf.clear()
-        self._got_any = False
-        self._chunks.clear()
-        self._buffered = 0
-        self._chunk_state = 0
-        self._line.clear()
-        self.body_done = False
-        self.body_error = None
-        self.reusable = False
-        self._sink = None
-        self._sink_chunked = False
-        self._sink_blocked = False
-        self._head_waiter = self._loop.create_future()
+    def looks_alive(self) -> bool:
+        """Has the backend closed this idle connection (a FIN not yet seen by the loop)?
 
-    async def drain(self) -> None:
-        if self._write_paused and not self.closed:
-            self._drain = self._loop.create_future()
-            await self._drain
-            self._drain = None
-
-    async def head(self):
-        if self._head is None:
-            await self._head_waiter
-        return self._head
-
-    async def read_chunk(self) -> bytes:
-        while True:
-            if self._chunks:
-                # everything that arrived since the last read goes out in one write
-                chunks = self._chunks
-                chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._buffered = 0
-                if self._read_paused and self._buffered <= LOW_WATER and not self.closed:
-                    self._read_paused = False
-                    self.transport.resume_reading()
-                return chunk
-            if self.body_done:
-                if self.body_error is not None:
-                    raise self.body_error
-                return b""
-            self._body_waiter = self._loop.create_future()
-            try:
-                await self._body_waiter
-            finally:
-                self._body_waiter = None
-
-
-    async def splice(self, sink, drain, chunked: bool) -> None:
-        """Hand the rest of the body to ``sink`` straight from ``data_received``.
-
-        No task step and no queue per chunk: this is the streaming hot path.
-        ``sink(data)`` writes bytes verbatim to the client and returns 0,
-        ``SINK_FULL`` when the client's socket buffer is over its limit
-        (reading from the backend then pauses until ``await drain()``
-        returns), or ``SINK_GONE``. With ``chunked`` the client gets chunked
-        framing: the backend's own chunks pass through unchanged where they
-        can, anything else is framed here, and the caller sends the last
-        chunk. Returns when the body is complete; raises ``UpstreamBroken``,
-        ``UpstreamProtocolError`` or ``ClientGone`` otherwise.
+        One ``poll`` with no wait: an idle keep-alive socket must not be
+        readable; if it is, it holds an EOF or bytes nobody asked for.
         """
-        self._sink = sink
-        self._sink_chunked = chunked
-        if self._chunks:
-            pending = b"".join(self._chunks)
-            self._chunks.clear()
-            self._buffered = 0
-            self._push(pending)
-        try:
-            while True:
-                if self._sink_blocked:
-                    await drain()
-                    self._sink_blocked = False
-                if self._read_paused and not self.closed:
-                    self._read_paused = False
-                    self.transport.resume_reading()
-                if self.body_done:
-                    break
-                self._body_waiter = self._loop.create_future()
-                try:
-                    await self._body_waiter
-                finally:
-                    self._body_waiter = None
-        finally:
-            self._sink = None
-            self._sink_chunked = False
-        if self.body_error is not None:
-            raise self.body_error
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return False
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
 
 
 class UpstreamResponse:
     """A backend's response: status and headers now, the body chunk by chunk."""
 
-    __slots__ = ("_conn", "status", "reason", "headers", "_done")
+    __slots__ = ("_exchange", "status", "reason", "headers", "_done")
 
-    def __init__(self, conn: _Connection, status: int, reason: str, headers: CIMultiDict) -> None:
-        self._conn = conn
+    def __init__(self, exchange: _Exchange, status: int, reason: str, headers: CIMultiDict[str]) -> None:
+        self._exchange = exchange
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -523,7 +407,7 @@ class UpstreamResponse:
 
     async def read_chunk(self) -> bytes:
         """The next piece of the body as it arrived; b"" at its end."""
-        return await self._conn.read_chunk()
+        return await self._exchange.read_chunk()
 
     async def read(self, limit: int | None = None) -> bytes:
         """The rest of the body, or at least its first ``limit`` bytes."""
@@ -539,30 +423,41 @@ class UpstreamResponse:
                 break
         return b"".join(parts)
 
-    async def splice(self, sink, drain, chunked: bool = False) -> None:
-        """Stream the rest of the body into ``sink`` (see ``_Connection.splice``)."""
-        await self._conn.splice(sink, drain, chunked)
+    async def splice(self, sink: Sink, drain: Callable[[], Awaitable[None]], chunked: bool = False) -> None:
+        """Hand the rest of the body to ``sink`` straight from the connection's reads.
+
+        No task step and no queue per chunk: this is the streaming hot path.
+        ``sink(data)`` writes bytes verbatim to the client and returns 0,
+        ``SINK_FULL`` when the client's socket buffer is over its limit
+        (reading from the backend then pauses until ``await drain()``
+        returns), or ``SINK_GONE``. With ``chunked`` each read's body bytes
+        go out as one chunk, and the caller sends the last chunk. Returns
+        when the body is complete; raises ``UpstreamBroken``,
+        ``UpstreamProtocolError`` or ``ClientGone`` otherwise.
+        """
+        await self._exchange.splice(sink, drain, chunked)
 
     def release(self) -> None:
         """Done with the response: a complete, reusable connection goes back to the pool."""
         if self._done:
             return
         self._done = True
-        conn = self._conn
-        conn.in_use = False
-        if conn.body_done and conn.body_error is None and not conn._chunks and conn.reusable and not conn.closed:
-            conn._pool._put(conn)
-        elif conn.transport is not None:
-            conn.transport.close()
+        exchange = self._exchange
+        conn = exchange.conn
+        conn.exchange = None
+        if exchange.reusable and not conn.closed:
+            conn._pool.put(conn)
+        else:
+            conn.close()
 
     def close(self) -> None:
         """Drop the connection (the client left, or the body broke)."""
         if self._done:
             return
         self._done = True
-        self._conn.in_use = False
-        if self._conn.transport is not None:
-            self._conn.transport.close()
+        conn = self._exchange.conn
+        conn.exchange = None
+        conn.close()
 
 
 _SPLIT_CACHE: dict[str, tuple[str, int, str, str]] = {}
@@ -582,7 +477,7 @@ def _split_base(url: str) -> tuple[str, int, str, str]:
 
 
 def _check_header(name: str, value: str) -> None:
-    if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+    if "\r" in value or "\n" in value or "\0" in value or "\r" in name or "\n" in name or ":" in name:
         raise UpstreamConnectError(f"header {name!r} has characters that cannot be sent")
 
 
@@ -591,42 +486,36 @@ class UpstreamPool:
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
-        self._read_view = memoryview(bytearray(READ_SIZE))  # shared by this pool's connections
+        self.read_view = memoryview(bytearray(READ_SIZE))  # shared by this pool's connections
         self._all: set[_Connection] = set()
         self._closed = False
 
-    def _forget(self, conn: _Connection) -> None:
+    def forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
 
-    def _put(self, conn: _Connection) -> None:
-        if self._closed:
-            conn.transport.close()
-            return
+    def put(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, [])
-        if len(idle) >= MAX_IDLE_PER_ADDRESS:
-            conn.transport.close()
+        if self._closed or len(idle) >= MAX_IDLE_PER_ADDRESS:
+            conn.close()
             return
         conn.idle_since = time.monotonic()
         idle.append(conn)
 
-    def _take(self, key) -> _Connection | None:
+    def _take(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             conn = idle.pop()  # the most recently used: least likely to have timed out
-            if conn.closed or conn.transport.is_closing():
+            if now - conn.idle_since > IDLE_REUSE_SECONDS or not conn.looks_alive():
+                conn.close()
                 continue
-            if now - conn.idle_since > IDLE_REUSE_SECONDS:
-                conn.transport.close()
-                continue
-            conn.reused = True
             return conn
         return None
 
-    async def _connect(self, key, connect_timeout: float | None) -> _Connection:
+    async def _connect(self, key: tuple[str, int], connect_timeout: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
@@ -648,8 +537,8 @@ class UpstreamPool:
         self,
         method: str,
         url: str,
-        headers,
-        body=None,
+        headers: CIMultiDict[str],
+        body: bytes | bytearray | memoryview | AsyncIterator[bytes] | None = None,
         *,
         content_length: int | None = None,
         connect_timeout: float | None = None,
@@ -659,6 +548,13 @@ class UpstreamPool:
         ``body`` is None, bytes, or an async iterator of bytes (streamed with
         ``content_length`` when known, chunked otherwise). The caller bounds
         the wait for the headers with its own deadline.
+
+        When to send again: only when a pooled connection closed before any
+        byte of this request was written to it, so the backend cannot have
+        seen any of it. A request that was written and then met a closed
+        connection is never repeated, whatever its method: the backend may
+        have acted on it. ``looks_alive`` keeps that case rare by checking a
+        pooled socket for a pending EOF before writing.
         """
         if self._closed:
             raise UpstreamConnectError("swapd is shutting down")
@@ -680,60 +576,58 @@ class UpstreamPool:
             else:
                 lines.append("Transfer-Encoding: chunked\r\n")
         elif body is not None:
-            lines.append(f"Content-Length: {len(body)}\r\n")
+            lines.append(f"Content-Length: {len(body)}\r\n")  # type: ignore[arg-type]
         elif method in ("POST", "PUT", "PATCH"):
             lines.append("Content-Length: 0\r\n")
         lines.append("\r\n")
         head = "".join(lines).encode("utf-8", "surrogateescape")
         no_body = method == "HEAD"
-        for attempt in (0, 1):
-            # a streamed body cannot be sent twice, so it never risks a stale connection
-            conn = self._take(key) if attempt == 0 and not streamed else None
+        while True:
+            conn = None if streamed else self._take(key)
             if conn is None:
                 conn = await self._connect(key, connect_timeout)
-            conn.begin(no_body)
+            exchange = conn.begin(no_body)
             try:
+                if conn.closed:
+                    raise _Unsent()
                 if streamed:
-                    await self._send_streamed(conn, head, body, content_length is None)
+                    await self._send_streamed(conn, exchange, head, body, content_length is None)  # type: ignore[arg-type]
                 else:
-                    conn.transport.write(head + body if body else head)
-                await conn.head()
-            except _Retry:
-                if streamed or attempt == 1:
-                    raise UpstreamBroken("backend closed a kept-alive connection before answering") from None
-                continue
+                    conn.write(head + body if body else head)  # type: ignore[operator]
+                await exchange.head_waiter
+            except _Unsent:
+                conn.exchange = None
+                continue  # nothing of the request left swapd: a new connection is safe
             except BaseException:
-                conn.in_use = False
-                conn.transport.close()
+                conn.exchange = None
+                conn.close()
                 raise
-            status, reason, resp_headers = conn._head
-            return UpstreamResponse(conn, status, reason, resp_headers)
-        raise AssertionError("unreachable")
+            assert exchange.head is not None
+            status, reason, resp_headers = exchange.head
+            return UpstreamResponse(exchange, status, reason, resp_headers)
 
-    async def _send_streamed(self, conn: _Connection, head: bytes, body, chunked: bool) -> None:
-        conn.transport.write(head)
+    async def _send_streamed(
+        self, conn: _Connection, exchange: _Exchange, head: bytes, body: AsyncIterator[bytes], chunked: bool
+    ) -> None:
+        conn.write(head)
         async for chunk in body:
-            if conn.closed or conn._head is not None:
+            if conn.closed or exchange.head is not None:
                 break  # the backend answered (or hung up) before taking the whole body
             if not chunk:
                 continue
-            if chunked:
-                conn.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            else:
-                conn.transport.write(chunk)
-            await conn.drain()
+            conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            await conn.flow.drain()
         else:
             if chunked and not conn.closed:
-                conn.transport.write(b"0\r\n\r\n")
+                conn.write(b"0\r\n\r\n")
             return
-        conn.reusable = False
-        if conn.closed and conn._head is None:
+        exchange.spoilt = True
+        if conn.closed and exchange.head is None:
             raise UpstreamBroken("backend closed the connection while the request body was being sent")
 
     async def close(self) -> None:
         self._closed = True
         for conn in list(self._all):
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.close()
         self._idle.clear()
         await asyncio.sleep(0)
