@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(config, args) -> None:
     from swapd.backend import CHILDREN
     from swapd.server.app import RUNTIME, create_app
-    from swapd.server.slowclient import GuardedTCPSite
+    from swapd.server.slowclient import Listener
     from swapd.server.observe import apply_log_settings
 
     log = slog.get_logger("swapd")
@@ -194,19 +194,21 @@ async def serve(config, args) -> None:
     if sink is not None:
         sink.attach(rt.logs, loop)
     ssl_context = getattr(args, "ssl_context", None)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10.0)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=10.0,
+        keepalive_timeout=config.client_limits.keepalive_timeout,
+        # after an error that left a client's body unread, read (and drop) it this long before closing,
+        # so the client gets the answer instead of a reset; aiohttp's default is 10 s
+        lingering_time=2.0,
+    )
     await runner.setup()
     host, port = args.listen
     try:
-        site = GuardedTCPSite.create(
-            runner,
-            host,
-            port,
-            header_timeout=config.client_limits.header_timeout,
-            reuse_address=True,
-            backlog=1024,
-            ssl_context=ssl_context,
-        )
+        site = Listener(runner, host, port, header_timeout=config.client_limits.header_timeout,
+                        ssl_context=ssl_context)
         await site.start()
     except OSError:
         await runner.cleanup()
@@ -243,6 +245,7 @@ async def serve(config, args) -> None:
             watcher.cancel()
         await reloader.close()
         rt.events.close()  # end log streams and SSE clients so they do not hold the shutdown up
+        await site.stop()
         await runner.cleanup()
         stop_watching_orphans()
         CHILDREN.reap_orphans()

@@ -92,7 +92,9 @@ KNOWN_TOP_LEVEL_KEYS = (
     "vramCheckTimeout",
     "clientLimits",
 )
-KNOWN_CLIENT_LIMIT_KEYS = ("maxBodyMB", "headerTimeout", "bodyIdleTimeout")
+KNOWN_CLIENT_LIMIT_KEYS = ("maxBodyMB", "headerTimeout", "bodyIdleTimeout", "keepaliveTimeout", "maxBodyBytesInFlight")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
 
 # Accepted, but swapd does not act on them (yet).
 NOT_IMPLEMENTED_KEYS = (
@@ -997,15 +999,21 @@ def _build_client_limits(ctx: _Context, top: _Reader) -> ClientLimits:
             ctx.warn(f"clientLimits: {_unknown_key_message(key, KNOWN_CLIENT_LIMIT_KEYS)}")
     reader = _Reader(ctx, limits, prefix="clientLimits.")
     values = {}
-    for key, default in (("maxBodyMB", 512), ("headerTimeout", 30), ("bodyIdleTimeout", 60)):
+    for key, default in (("maxBodyMB", 512), ("headerTimeout", 30), ("bodyIdleTimeout", 60), ("keepaliveTimeout", 75)):
         value = reader.int(key, default, seconds=key != "maxBodyMB")
         if value <= 0:
             reader.fail(key, f"must be > 0, got {value}")
         values[key] = value
+    in_flight = limits.get("maxBodyBytesInFlight", 1024**3)
+    match = _SIZE_RE.match(str(in_flight)) if isinstance(in_flight, (int, str)) and not isinstance(in_flight, bool) else None
+    if match is None or int(match.group(1)) <= 0:
+        reader.fail("maxBodyBytesInFlight", f"must be a positive size in bytes, or with a unit such as 512MiB or 2GiB; got {in_flight!r}")
     return ClientLimits(
         max_body_bytes=values["maxBodyMB"] * 1024 * 1024,
         header_timeout=float(values["headerTimeout"]),
         body_idle_timeout=float(values["bodyIdleTimeout"]),
+        keepalive_timeout=float(values["keepaliveTimeout"]),
+        max_body_bytes_in_flight=int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()],
     )
 
 

@@ -42,6 +42,8 @@ class ClientLimits:
     max_body_bytes: int = 512 * 1024 * 1024  # base64 images and audio need room
     header_timeout: float = 30.0  # first byte of a request to the end of its headers
     body_idle_timeout: float = 60.0  # longest pause while a body is being received
+    keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this
+    max_body_bytes_in_flight: int = 1024 * 1024 * 1024  # request bodies held at once, all clients together
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from swapd.server.routing import (
     handle_upstream,
 )
 from swapd.server.relay import UpstreamError
+from swapd.server.slowclient import HeaderDeadline
 from swapd.server.upstream import UpstreamPool
 
 log = get_logger("swapd.server")
@@ -120,28 +121,53 @@ class Runtime:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    """Every failure a client can see becomes an OpenAI-shaped error, never a traceback."""
+    """Every failure a client can see becomes an OpenAI-shaped error, never a traceback.
+
+    The first middleware, so it also ends the connection's header deadline
+    (aiohttp has parsed the headers once a request reaches it) and logs a
+    ``request`` line for every refusal that the relay did not log itself.
+    """
+    deadline = HeaderDeadline.of(request)
+    if deadline is not None:
+        deadline.request_started()
     try:
         return await handler(request)
     except ClientError as exc:
-        return error_response(request, exc.status, exc.message, exc.code)
+        response = error_response(request, exc.status, exc.message, exc.code, exc.headers)
+        if exc.close:
+            response.force_close()
+        return _refused(request, response, exc.message)
     except SchedulerError as exc:
-        return error_response(request, exc.status, exc.message, exc.code, exc.headers)
+        return _refused(request, error_response(request, exc.status, exc.message, exc.code, exc.headers), exc.message)
     except StartError as exc:
-        return error_response(request, 502, exc.detail(), "backend_start_failed")
+        return _refused(request, error_response(request, 502, exc.detail(), "backend_start_failed"), str(exc))
     except UpstreamError as exc:
-        return error_response(request, exc.status, str(exc), exc.code)
+        return _refused(request, error_response(request, exc.status, str(exc), exc.code), str(exc))
     except web.HTTPRequestEntityTooLarge:
-        return error_response(request, 413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+        message = f"request body too large (limit {MAX_BODY_BYTES} bytes)"
+        response = error_response(request, 413, message)
+        response.force_close()
+        return _refused(request, response, message)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(request, exc.status, exc.reason or "error", headers=_allow_header(exc))
+        return _refused(request, error_response(request, exc.status, exc.reason or "error", headers=_allow_header(exc)),
+                        exc.reason)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         raise
     except Exception:
         log.exception("request.unhandled", path=request.path, method=request.method)
         return error_response(request, 500, "internal error in swapd; see its log", "internal_error")
+    finally:
+        if deadline is not None:
+            deadline.request_finished()
+
+
+def _refused(request: web.Request, response: web.Response, outcome: str) -> web.Response:
+    """Log one ``request`` line for an error answer, unless the relay already logged this request."""
+    if not request.get("swapd.logged"):
+        log.info("request", method=request.method, path=request.path, status=response.status, outcome=outcome)
+    return response
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:

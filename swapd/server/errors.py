@@ -59,10 +59,17 @@ def error_response(
 
 
 class ClientError(Exception):
-    """A request swapd refuses on its own; rendered by the error middleware."""
+    """A request swapd refuses on its own; rendered by the error middleware.
 
-    def __init__(self, status: int, message: str, code: str | None = None):
+    ``close``: the connection is closed after the error (the client's body was
+    cut off mid-way, so what follows on the connection cannot be trusted).
+    """
+
+    def __init__(self, status: int, message: str, code: str | None = None, *, close: bool = False,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.close = close
+        self.headers = headers

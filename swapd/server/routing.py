@@ -221,7 +221,12 @@ async def _relay_logged(request: web.Request, url: str, body, label: str, t0: fl
     except UpstreamError as exc:
         outcome = str(exc)
         raise
+    except ClientError as exc:  # the client's own upload stalled or ran over its limit
+        outcome = exc.message
+        request["swapd.status"] = exc.status
+        raise
     finally:
+        request["swapd.logged"] = True
         log.info(
             "request",
             **fields,

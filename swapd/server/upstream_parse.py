@@ -12,7 +12,8 @@ caller:
 - header values must be valid UTF-8, because aiohttp writes header strings as
   UTF-8: anything else could not reach the client byte for byte, and swapd
   refuses a reply rather than alter it;
-- a Transfer-Encoding whose last coding is not ``chunked`` is refused, and an
+- a Transfer-Encoding other than plain ``chunked`` (on any of its lines) is
+  refused, since the client would get the other coding undecoded, and an
   HTTP/1.0 reply that carries Transfer-Encoding closes its connection
   (RFC 9112 §6.1);
 - the answer to a HEAD request has no body, whatever it declares;
@@ -198,7 +199,8 @@ class ResponseParser:
         self._values.clear()
         keep_alive = parser.should_keep_alive()
         if transfer_codings:
-            if transfer_codings[-1] != "chunked":
+            # only chunked is decoded here: any other coding would reach the client undecoded and unlabelled
+            if transfer_codings != ["chunked"]:
                 raise UpstreamProtocolError(f"unsupported Transfer-Encoding: {', '.join(transfer_codings)[:100]}")
             if parser.get_http_version() == "1.0":
                 keep_alive = False
