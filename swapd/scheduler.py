@@ -114,6 +114,19 @@ class Scheduler:
         loading stream starts. Pass the ticket to ``wait``; a caller that
         gives up before waiting must ``abandon`` it.
         """
+        self.check_admission(model_id)
+        self._reserved[model_id] = self._reserved.get(model_id, 0) + 1
+        req = _Request(model_id, asyncio.get_running_loop().create_future(), self._priority(model_id))
+        self._on_request(req)
+        return req
+
+    def check_admission(self, model_id: str) -> None:
+        """Raise the refusal ``request`` would give now (429, 404, 503), reserving nothing.
+
+        The relay asks this as soon as a large body names its model, so a
+        model at its concurrencyLimit refuses before the rest of the body is
+        read, while a slow upload holds no slot.
+        """
         if self._closing:
             raise SchedulerError(503, "swapd is shutting down", "shutting_down")
         if model_id not in self.backends:
@@ -126,10 +139,6 @@ class Scheduler:
                 "concurrency_limit",
                 {"Retry-After": "1"},
             )
-        self._reserved[model_id] = self._reserved.get(model_id, 0) + 1
-        req = _Request(model_id, asyncio.get_running_loop().create_future(), self._priority(model_id))
-        self._on_request(req)
-        return req
 
     async def wait(self, req: _Request) -> Lease:
         """Wait until the admitted request may be served."""

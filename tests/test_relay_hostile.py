@@ -129,7 +129,7 @@ def _upload(port: int, head: bytes, pieces: list[bytes], gap: float) -> tuple[by
 
 def test_a_slow_but_live_upload_is_never_cut_by_the_header_deadline(swapd):
     """headerTimeout 1 s; 12 uploads whose bodies take about 1.8 s each, in 200-byte pieces."""
-    s = swapd({"m1": model()}, clientLimits={"headerTimeout": 1, "bodyIdleTimeout": 10})
+    s = swapd({"m1": model(concurrencyLimit=20)}, clientLimits={"headerTimeout": 1, "bodyIdleTimeout": 10})
     assert s.chat("m1").status == 200
     body = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "x" * 2300}]}).encode()
     pieces = [body[i:i + 200] for i in range(0, len(body), 200)]

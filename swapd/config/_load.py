@@ -131,6 +131,7 @@ KNOWN_MODEL_KEYS = (
     "compat",
     "capabilities",
     "healthCheckTimeout",
+    "apiKey",  # swapd addition: the backend's own key, sent instead of the client's credential
 )
 
 KNOWN_GROUP_KEYS = ("swap", "exclusive", "persistent", "members")
@@ -653,6 +654,7 @@ def _build_model(
         "description": reader.str("description", ""),
         "concurrency_limit": concurrency,
         "metadata": copy.deepcopy(metadata),
+        "api_key": reader.str("apiKey", ""),
     }
     fingerprint = _fingerprint({**fields, "raw": model})
     return ModelConfig(

@@ -80,6 +80,7 @@ class ModelConfig:
     filters: Filters = field(default_factory=Filters)
     send_loading_state: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
+    api_key: str = ""  # swapd addition: sent to the backend as its own Bearer key; never shown
 
     def stop_command(self, pid: int) -> tuple[str, ...]:
         """cmd_stop with every ``${PID}`` occurrence replaced by ``pid``."""

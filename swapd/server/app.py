@@ -19,7 +19,8 @@ from swapd.server import gpu_api
 from swapd.server.auth import access_middleware
 from swapd.server.errors import ClientError, error_response
 from swapd.server import observe
-from swapd.server.keys import RUNTIME
+from swapd.server.bodies import BodyBudget
+from swapd.server.keys import BODY_BUDGET, RUNTIME
 from swapd.server.routing import (
     handle_json_model,
     handle_multipart_model,
@@ -337,6 +338,7 @@ def create_app(config: Config) -> web.Application:
         client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, access_middleware]
     )
     rt = app[RUNTIME] = Runtime(config)
+    app[BODY_BUDGET] = BodyBudget()
 
     async def lifecycle(app: web.Application):
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)

@@ -21,19 +21,21 @@ EXEMPT_PATHS = frozenset({"/health", "/wol-health"})
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
-def extract_api_key(request: web.Request) -> str:
+def extract_api_key(request: web.Request) -> tuple[str, str]:
+    """The key a client offered, and the header it came in (lower case; "" if none)."""
     auth = request.headers.get("Authorization", "")
     scheme, _, value = auth.partition(" ")
     scheme = scheme.lower()
     if scheme == "bearer" and value.strip():
-        return value.strip()
+        return value.strip(), "authorization"
     if scheme == "basic" and value.strip():
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8", "replace")
         except (binascii.Error, ValueError):
-            return ""
-        return decoded.partition(":")[2]
-    return request.headers.get("x-api-key", "").strip()
+            return "", ""
+        return decoded.partition(":")[2], "authorization"
+    key = request.headers.get("x-api-key", "").strip()
+    return key, "x-api-key" if key else ""
 
 
 def key_matches(provided: str, keys: tuple[str, ...]) -> bool:
@@ -75,12 +77,24 @@ async def access_middleware(request: web.Request, handler):
     if request.method == "OPTIONS":
         return _preflight(request)
     keys = request.app[RUNTIME].config.api_keys
-    if keys and request.path not in EXEMPT_PATHS and not key_matches(extract_api_key(request), keys):
-        return error_response(
-            request,
-            401,
-            "unauthorized: invalid or missing API key",
-            "invalid_api_key",
-            headers={"WWW-Authenticate": 'Basic realm="swapd"'},
-        )
+    if keys and request.path not in EXEMPT_PATHS:
+        provided, header = extract_api_key(request)
+        if not key_matches(provided, keys):
+            return error_response(
+                request,
+                401,
+                "unauthorized: invalid or missing API key",
+                "invalid_api_key",
+                headers={"WWW-Authenticate": 'Basic realm="swapd"'},
+            )
+        # swapd's own key stops here: the relay leaves every header that carried it out
+        # (a client may send it in both; each copy is dropped)
+        request["swapd.credential"] = _carriers(request, provided, header)
     return await handler(request)
+
+
+def _carriers(request: web.Request, key: str, header: str) -> frozenset[str]:
+    """Every header that carries the matched key: the one it was taken from, and x-api-key if it repeats it."""
+    if header != "x-api-key" and request.headers.get("x-api-key", "").strip() == key:
+        return frozenset((header, "x-api-key"))
+    return frozenset((header,))

@@ -14,6 +14,7 @@ import json
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from swapd.config import Timeouts
 from swapd.server.client_sink import client_sink
@@ -124,8 +125,9 @@ async def _open(rt_pool: UpstreamPool, session: aiohttp.ClientSession, request: 
     if content_length is not None:
         headers["Content-Length"] = str(content_length)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout) if connect_timeout else None
-    resp = await session.request(request.method, url, data=body, headers=headers, allow_redirects=False,
-                                 timeout=timeout)
+    # encoded=True: the path and query go out exactly as the client sent them
+    resp = await session.request(request.method, URL(url, encoded=True), data=body, headers=headers,
+                                 allow_redirects=False, timeout=timeout)
     return _AiohttpUpstream(resp)
 
 

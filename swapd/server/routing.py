@@ -20,9 +20,10 @@ from swapd.config import Config, Filters, ModelConfig, PeerConfig
 from swapd.logging import get_logger
 from swapd.scheduler import SchedulerError
 from swapd.server.errors import ClientError
-from swapd.server.keys import RUNTIME
-from swapd.server.relay import UpstreamError, relay
-from swapd.server.slowclient import check_declared_length, next_chunk, read_body, stream_body
+from swapd.server.bodies import TopLevelScanner
+from swapd.server.keys import BODY_BUDGET, RUNTIME
+from swapd.server.relay import CREDENTIAL_HEADERS, UpstreamError, relay
+from swapd.server.slowclient import check_declared_length, next_chunk, stream_body
 
 log = get_logger("swapd.server")
 
@@ -182,6 +183,7 @@ async def forward_local(
     if loader is not None:
         await loader.finish()
     backend_model = lease.backend.model
+    key_headers = _own_key_headers(backend_model.api_key)
     try:
         return await _relay_logged(
             request,
@@ -193,20 +195,25 @@ async def forward_local(
             prepared=loader.response if loader is not None else None,
             timeouts=backend_model.timeouts,
             content_length=content_length,
+            extra_headers=key_headers,
+            drop_headers=CREDENTIAL_HEADERS if key_headers else frozenset(),
         )
     finally:
         lease.release()
 
 
+def _own_key_headers(api_key: str) -> dict[str, str] | None:
+    """A backend's or peer's own key, in both places OpenAI- and Anthropic-style servers look."""
+    return {"Authorization": f"Bearer {api_key}", "x-api-key": api_key} if api_key else None
+
+
 async def forward_peer(
     request: web.Request, peer: PeerConfig, path_qs: str, body, *, content_length: int | None = None
 ) -> web.StreamResponse:
-    headers = None
-    if peer.api_key:
-        headers = {"Authorization": f"Bearer {peer.api_key}", "x-api-key": peer.api_key}
+    # a peer is another host: it gets its configured key or no credential at all, never the client's
     return await _relay_logged(
         request, peer.proxy + path_qs, body, f"{peer.id} (peer)", time.monotonic(), {"peer": peer.id},
-        extra_headers=headers, content_length=content_length,
+        extra_headers=_own_key_headers(peer.api_key), drop_headers=CREDENTIAL_HEADERS, content_length=content_length,
     )
 
 
@@ -241,43 +248,132 @@ async def _relay_logged(request: web.Request, url: str, body, label: str, t0: fl
 # -- handlers --------------------------------------------------------------------
 
 
-async def handle_json_model(request: web.Request) -> web.StreamResponse:
-    limits = request.app[RUNTIME].config.client_limits
-    content = request.content
-    if content.is_eof() and content.total_bytes <= limits.max_body_bytes:
-        # The whole body came with the headers (the usual small JSON request):
-        # take it as is, without read_body's per-chunk idle timers.
-        body = content.read_nowait()
-    else:
-        body = await read_body(request, limits.body_idle_timeout, limits.max_body_bytes)
+# A JSON body up to this size is parsed on the event loop (a chat request is a
+# few kB); a larger one is scanned as it arrives and parsed in a thread only
+# when a filter must rewrite it.
+INLINE_PARSE_LIMIT = 1024 * 1024
+
+
+def _parse_object(body: bytes | bytearray) -> dict:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ClientError(400, "request body is not valid JSON", "invalid_json") from None
     if not isinstance(data, dict):
         raise ClientError(400, "request body must be a JSON object", "invalid_body")
-    requested = data.get("model")
-    target = _lookup(request.app[RUNTIME].config, requested)
-    path_qs = request.path_qs
+    return data
+
+
+def _needs_rewrite(target: ModelConfig | tuple[PeerConfig, str], requested) -> bool:
+    if isinstance(target, ModelConfig):
+        return bool(target.use_model_name or target.filters)
+    peer, model_name = target
+    return model_name != requested or bool(peer.filters)
+
+
+def _rewrite(data: dict, target: ModelConfig | tuple[PeerConfig, str], requested) -> bytes | None:
+    """The rewritten body, or None when nothing changed."""
+    if isinstance(target, ModelConfig):
+        changed = rewrite_body(data, requested, target.use_model_name, target.filters)
+    else:
+        peer, model_name = target
+        changed = rewrite_body(data, requested, model_name if model_name != requested else "", peer.filters)
+    return json.dumps(data).encode() if changed else None
+
+
+async def handle_json_model(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    limits = rt.config.client_limits
+    content = request.content
+    if content.is_eof() and content.total_bytes <= min(limits.max_body_bytes, INLINE_PARSE_LIMIT):
+        # The whole body came with the headers (the usual small JSON request):
+        # take it as is, without read_body's per-chunk idle timers.
+        body: bytes | bytearray = content.read_nowait()
+        data = _parse_object(body)
+        requested = data.get("model")
+        target = _lookup(rt.config, requested)
+        rewritten = _rewrite(data, target, requested)
+        return await _route_json(request, target, rewritten or body, data.get("stream") is True)
+    return await _handle_held_body(request)
+
+
+async def _handle_held_body(request: web.Request) -> web.StreamResponse:
+    """A JSON body that arrives over several reads: budgeted, scanned for ``model`` as it comes.
+
+    Once ``model`` is known, a model at its concurrencyLimit refuses (429)
+    before the rest of the body is read; the body is
+    parsed whole only when it is small or a filter must rewrite it, and then
+    off the event loop when it is large.
+    """
+    rt = request.app[RUNTIME]
+    limits = rt.config.client_limits
+    budget = request.app[BODY_BUDGET]
+    cap = limits.max_body_bytes_in_flight
+    check_declared_length(request, limits.max_body_bytes)
+    reserved = 0
+    if request.content_length:
+        budget.reserve(request.content_length, cap)  # 503 before a byte of it is read
+        reserved = request.content_length
+    try:
+        scanner = TopLevelScanner(("model", "stream"))
+        target: ModelConfig | tuple[PeerConfig, str] | None = None
+        body = bytearray()
+        while chunk := await next_chunk(request, limits.body_idle_timeout):
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                raise ClientError(413, f"request body too large (limit {limits.max_body_bytes} bytes)",
+                                  "request_too_large", close=True)
+            if len(body) > reserved:  # chunked, or longer than declared
+                budget.reserve(len(body) - reserved, cap)
+                reserved = len(body)
+            if not scanner.complete(("model", "stream")):
+                scanner.feed(body)
+                if target is None and "model" in scanner.found:
+                    target = _lookup(rt.config, scanner.found["model"])
+                    if isinstance(target, ModelConfig):
+                        rt.scheduler.check_admission(target.id)  # 429 now, before the rest of the body
+        requested = scanner.found.get("model")
+        stream = scanner.found.get("stream") is True
+        rewritten = None
+        if len(body) <= INLINE_PARSE_LIMIT or target is None or scanner.broken or _needs_rewrite(target, requested):
+            parse = _parse_object if len(body) <= INLINE_PARSE_LIMIT else _parse_off_loop
+            data = await parse(body) if parse is _parse_off_loop else _parse_object(body)
+            if target is not None and data.get("model") != requested:
+                raise ClientError(400, "the request body names more than one model", "invalid_body")
+            requested = data.get("model")
+            stream = data.get("stream") is True
+            if target is None:
+                target = _lookup(rt.config, requested)
+            if len(body) <= INLINE_PARSE_LIMIT:
+                rewritten = _rewrite(data, target, requested)
+            else:
+                rewritten = await asyncio.to_thread(_rewrite, data, target, requested)
+        return await _route_json(request, target, rewritten or body, stream)
+    finally:
+        budget.release(reserved)
+
+
+async def _parse_off_loop(body: bytes | bytearray) -> dict:
+    return await asyncio.to_thread(_parse_object, body)
+
+
+async def _route_json(request: web.Request, target: ModelConfig | tuple[PeerConfig, str], body, stream: bool
+                      ) -> web.StreamResponse:
+    path_qs = request.raw_path
     if path_qs.startswith("/v/"):  # llama-swap's versionless aliases forward without the /v
         path_qs = path_qs[2:]
     if isinstance(target, ModelConfig):
-        if rewrite_body(data, requested, target.use_model_name, target.filters):
-            body = json.dumps(data).encode()
-        loading = target.send_loading_state and data.get("stream") is True and request.path in LOADING_PATHS
+        loading = target.send_loading_state and stream and request.path in LOADING_PATHS
         return await forward_local(request, target, path_qs, body, loading=loading)
-    peer, model_name = target
-    if rewrite_body(data, requested, model_name if model_name != requested else "", peer.filters):
-        body = json.dumps(data).encode()
-    return await forward_peer(request, peer, path_qs, body)
+    return await forward_peer(request, target[0], path_qs, body)
 
 
 async def handle_query_model(request: web.Request) -> web.StreamResponse:
     requested = request.query.get("model")
     target = _lookup(request.app[RUNTIME].config, requested)
     if isinstance(target, ModelConfig):
-        return await forward_local(request, target, request.path_qs, None)
-    return await forward_peer(request, target[0], request.path_qs, None)
+        return await forward_local(request, target, request.raw_path, None)
+    return await forward_peer(request, target[0], request.raw_path, None)
 
 
 _BOUNDARY_RE = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
@@ -368,8 +464,8 @@ async def handle_multipart_model(request: web.Request) -> web.StreamResponse:
     # the sniffed prefix goes out as is, then the rest as it arrives: never copied
     body = stream_body(request, limits.body_idle_timeout, limits.max_body_bytes + delta, prefix=buf)
     if isinstance(target, ModelConfig):
-        return await forward_local(request, target, request.path_qs, body, content_length=content_length)
-    return await forward_peer(request, target[0], request.path_qs, body, content_length=content_length)
+        return await forward_local(request, target, request.raw_path, body, content_length=content_length)
+    return await forward_peer(request, target[0], request.raw_path, body, content_length=content_length)
 
 
 async def handle_upstream(request: web.Request) -> web.StreamResponse:
@@ -386,10 +482,13 @@ async def handle_upstream(request: web.Request) -> web.StreamResponse:
     if found is None:
         raise ClientError(404, "model not found", "model_not_found")
     name, model, rest = found
+    # the query goes on exactly as the client sent it: decoding it would let %0d%0a, %00 or %23
+    # become raw bytes in the backend's request line
+    raw_query = request.raw_path.partition("?")[2]
     if rest == "/" and not raw_path.endswith("/"):
         target = "/upstream/" + quote(name, safe="/") + "/"
-        if request.query_string:
-            target += "?" + request.query_string
+        if raw_query:
+            target += "?" + raw_query
         cls = web.HTTPMovedPermanently if request.method in ("GET", "HEAD") else web.HTTPPermanentRedirect
         raise cls(location=target)
     if any(part in ("..", ".") for part in unquote(rest).split("/")):
@@ -399,7 +498,7 @@ async def handle_upstream(request: web.Request) -> web.StreamResponse:
         if backend is None or backend.state is not State.READY:
             # a browser fetching a favicon must not load a model (llama-swap's ignorePaths)
             raise ClientError(409, f"model {model.id} is not loaded; path matches upstream.ignorePaths", "model_not_loaded")
-    path_qs = rest + ("?" + request.query_string if request.query_string else "")
+    path_qs = rest + ("?" + raw_query if raw_query else "")
     body = None
     if request.can_read_body:
         limits = config.client_limits

@@ -592,6 +592,9 @@ class UpstreamPool:
                     raise _Unsent()
                 if streamed:
                     await self._send_streamed(conn, exchange, head, body, content_length is None)  # type: ignore[arg-type]
+                elif body is not None and len(body) > 65536:  # type: ignore[arg-type]
+                    conn.write(head)  # a large body is not copied to be joined to its head
+                    conn.write(body)  # type: ignore[arg-type]
                 else:
                     conn.write(head + body if body else head)  # type: ignore[operator]
                 await exchange.head_waiter
