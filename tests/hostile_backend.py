@@ -3,7 +3,8 @@
 ``python hostile_backend.py PORT``. ``GET /health`` answers 200. Any other
 request is read whole (Content-Length or chunked) and answered with
 ``ANSWERS[path]``: bytes no well-behaved server would send. ``GET /x/seen``
-returns how many requests and connections arrived, per path, as JSON.
+returns how many requests and connections arrived, per path, and every
+request line exactly as it came, as JSON.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ANSWERS = {
 }
 
 seen: dict[str, int] = {}
+lines: list[str] = []  # every request line, as received
 connections: dict[str, int] = {}
 lock = threading.Lock()
 
@@ -38,7 +40,10 @@ def read_request(f) -> tuple[str, str] | None:
     line = f.readline()
     if not line:
         return None
-    method, path, _ = line.decode("latin-1").split(" ", 2)
+    text = line.decode("latin-1").rstrip("\r\n")
+    lines.append(text)
+    method, _, rest = text.partition(" ")
+    path = rest.rpartition(" ")[0].split("?", 1)[0]
     length = 0
     chunked = False
     while (h := f.readline()) not in (b"\r\n", b"\n", b""):
@@ -70,7 +75,7 @@ def serve(conn: socket.socket) -> None:
             if path == "/health":
                 conn.sendall(OK)
             elif path == "/x/seen":
-                body = json.dumps({"requests": seen, "connections": connections}).encode()
+                body = json.dumps({"requests": seen, "connections": connections, "lines": lines}).encode()
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             elif path in ("/hang-up-after-ok", "/v1/chat/completions"):
                 conn.sendall(OK)  # then takes the next request on this connection and hangs up unanswered

@@ -68,7 +68,8 @@ class TopLevelScanner:
     __slots__ = ("wanted", "found", "broken", "done", "_pos", "_state", "_key", "_depth", "_value_start")
 
     # states: 0 before '{', 1 before a key or '}', 2 in a key, 3 before ':', 4 before a value,
-    # 5 in a string value, 6 in a nested value, 7 in a scalar, 8 before ',' or '}'
+    # 5 in a string value, 6 in a nested value, 7 in a scalar, 8 before ',' or '}',
+    # 9 in a string inside a nested value, 10 before a key after ','
     def __init__(self, wanted: tuple[str, ...]) -> None:
         self.wanted = wanted
         self.found: dict[str, Any] = {}
@@ -87,7 +88,7 @@ class TopLevelScanner:
         n = len(buf)
         state = self._state
         while pos < n:
-            if state in (0, 1, 3, 4, 8):
+            if state in (0, 1, 3, 4, 8, 10):
                 m = _NOT_SPACE.search(buf, pos)
                 if m is None:
                     pos = n
@@ -99,8 +100,8 @@ class TopLevelScanner:
                         self.broken = True
                         return
                     state, pos = 1, pos + 1
-                elif state == 1:
-                    if c == 0x7D:  # }
+                elif state in (1, 10):
+                    if c == 0x7D and state == 1:  # } (not after a comma)
                         self.done = True
                         return
                     if c != 0x22:  # "
@@ -124,7 +125,7 @@ class TopLevelScanner:
                         state = 7
                 else:  # 8
                     if c == 0x2C:  # ,
-                        state, pos = 1, pos + 1
+                        state, pos = 10, pos + 1
                     elif c == 0x7D:
                         self.done = True
                         return

@@ -14,6 +14,7 @@ import time
 from urllib.parse import quote, unquote
 
 from aiohttp import web
+from yarl import URL
 
 from swapd.backend import StartError, State
 from swapd.config import Config, Filters, ModelConfig, PeerConfig
@@ -490,7 +491,7 @@ async def handle_upstream(request: web.Request) -> web.StreamResponse:
         if raw_query:
             target += "?" + raw_query
         cls = web.HTTPMovedPermanently if request.method in ("GET", "HEAD") else web.HTTPPermanentRedirect
-        raise cls(location=target)
+        raise cls(location=URL(target, encoded=True))  # encoded: the query exactly as sent
     if any(part in ("..", ".") for part in unquote(rest).split("/")):
         raise ClientError(400, "path traversal is not allowed in /upstream paths", "invalid_path")
     if any(p.search(unquote(rest)) for p in config.upstream_ignore_paths):
