@@ -180,6 +180,7 @@ async def serve(config, args) -> None:
     from swapd.server.app import RUNTIME, create_app
     from swapd.server.slowclient import Listener
     from swapd.server.observe import apply_log_settings
+    from swapd.server.webguard import unprotected_listen
 
     log = slog.get_logger("swapd")
     loop = asyncio.get_running_loop()
@@ -229,6 +230,10 @@ async def serve(config, args) -> None:
         ),
     )
 
+    rt.listen_host = host  # a name given to --listen is an allowed Host (swapd.server.webguard)
+    if unprotected_listen(host, config):
+        log.warning("swapd.unprotected", address=shown, detail="no apiKeys: anyone who can reach this "
+                    "address can use every model and /unload; set apiKeys, or listen on 127.0.0.1")
     reloader = Reloader(rt, args.config, getattr(args, "config_dir", None), sink=sink)
     loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
     watcher = loop.create_task(reloader.watch()) if args.watch_config else None

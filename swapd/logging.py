@@ -133,6 +133,116 @@ def configure(level: str = "info", fmt: LogFormat = "auto", stream=None, sink: P
         logger_factory=LineWriterFactory(stream),
         cache_logger_on_first_use=True,
     )
+    route_stdlib(_LEVELS.get(level, logging.INFO))
+
+
+# -- the standard library's loggers (aiohttp, asyncio) ------------------------
+
+# Secrets as they appear in free text: header lines (raw bytes, a dict or
+# multidict repr), bearer and basic credentials anywhere, and query-string
+# parameters. A header value ends at a line break, a quote or a backslash
+# (the "\n" of a bytes repr). No word boundary before a name: in a bytes
+# repr a header name follows the "n" of "\n".
+_TEXT_SECRETS = (
+    (
+        re.compile(
+            r"(?i)((?:proxy-)?authorization|x-api-key|api-key|(?:set-)?cookie)(['\"]?\s*[:=]\s*['\"]?)[^\r\n'\"\\]*"
+        ),
+        r"\1\2[redacted]",
+    ),
+    (re.compile(r"(?i)(bearer|basic)\s+[A-Za-z0-9._~+/=\-]+"), r"\1 [redacted]"),
+    (
+        re.compile(r"(?i)(api[_-]?key|access[_-]?token|token|password|secret)=[^&\s'\"\\]+"),
+        r"\1=[redacted]",
+    ),
+)
+_TEXT_LIMIT = 400  # characters of a library's message kept on the line
+
+
+def redact_text(text: str) -> str:
+    """``text`` with credentials replaced by ``[redacted]``."""
+    for pattern, replacement in _TEXT_SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    if len(text) > _TEXT_LIMIT:
+        text = text[:_TEXT_LIMIT] + "..."
+    return text
+
+
+_ROUTED_LOGGERS = ("aiohttp", "asyncio", "concurrent.futures")
+
+
+class StdlibBridge(logging.Handler):
+    """aiohttp's and asyncio's log records, as swapd's structlog events.
+
+    Those libraries log tracebacks whose exception text carries the raw
+    request, headers and all (a malformed request's ``Authorization`` among
+    them). Each record becomes one event, named after its logger, with the
+    message and the exception's type and text redacted and flattened to one
+    line, plus where the exception was raised; no traceback. A flood of one
+    kind (same logger, message template and exception type) is cut to one
+    line per ``window`` seconds; the next line of that kind says how many
+    were ``suppressed`` in between.
+    """
+
+    MAX_KINDS = 256
+
+    def __init__(self, window: float = 10.0) -> None:
+        super().__init__()
+        self.window = window
+        self._kinds: dict[tuple, list] = {}  # kind -> [last emitted (monotonic), suppressed since]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            exc = record.exc_info[1] if record.exc_info else None
+            kind = (record.name, record.msg if isinstance(record.msg, str) else type(record.msg).__name__,
+                    type(exc).__name__ if exc is not None else None)
+            now = time.monotonic()
+            state = self._kinds.get(kind)
+            if state is not None and now - state[0] < self.window:
+                state[1] += 1
+                return
+            suppressed = state[1] if state is not None else 0
+            if state is None and len(self._kinds) >= self.MAX_KINDS:
+                self._kinds.clear()
+            self._kinds[kind] = [now, 0]
+            fields = {"message": _one_line(redact_text(record.getMessage()))}
+            if exc is not None:
+                fields["error"] = _one_line(redact_text(f"{type(exc).__name__}: {exc}"))
+                tb = exc.__traceback__
+                while tb is not None and tb.tb_next is not None:
+                    tb = tb.tb_next
+                if tb is not None:
+                    fields["where"] = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+            if suppressed:
+                fields["suppressed"] = suppressed
+            method = "error" if record.levelno >= logging.ERROR else (
+                "warning" if record.levelno >= logging.WARNING else "info" if record.levelno >= logging.INFO else "debug"
+            )
+            getattr(structlog.get_logger(record.name), method)(record.name, **fields)
+        except Exception:  # a log line must never break the caller
+            pass
+
+
+_BRIDGE: StdlibBridge | None = None
+
+
+def route_stdlib(level: int = logging.INFO) -> StdlibBridge:
+    """Send the standard library loggers swapd's dependencies use through structlog (idempotent)."""
+    global _BRIDGE
+    if _BRIDGE is None:
+        _BRIDGE = StdlibBridge()
+    for name in _ROUTED_LOGGERS:
+        lib = logging.getLogger(name)
+        if _BRIDGE not in lib.handlers:
+            lib.addHandler(_BRIDGE)
+        lib.propagate = False
+        lib.setLevel(level)
+    return _BRIDGE
 
 
 # -- llama-swap's logTimeFormat ---------------------------------------------

@@ -17,6 +17,7 @@ import yaml
 from ._command import CommandSyntaxError, command_to_argv, strip_comment_lines
 from ._errors import ConfigError
 from ._format import go_str
+from ._hosts import parse_allowed_hosts
 from ._macros import (
     ENV_MACRO_RE,
     MACRO_USE_RE,
@@ -91,6 +92,7 @@ KNOWN_TOP_LEVEL_KEYS = (
     "vramCheck",
     "vramCheckTimeout",
     "clientLimits",
+    "allowedHosts",
 )
 KNOWN_CLIENT_LIMIT_KEYS = ("maxBodyMB", "headerTimeout", "bodyIdleTimeout", "keepaliveTimeout", "maxBodyBytesInFlight")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
@@ -969,6 +971,7 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         client_limits=_build_client_limits(ctx, top),
         upstream_ignore_paths=_upstream_ignore_paths(ctx, top),
         api_keys=tuple(top.str_list("apiKeys")),
+        allowed_hosts=parse_allowed_hosts(ctx, top),
         peers=MappingProxyType(peers),
         preload=tuple(preload),
         priority=MappingProxyType(priority),

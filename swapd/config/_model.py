@@ -114,6 +114,7 @@ class Config:
     # upstream.ignorePaths: /upstream paths that never start a model (static assets)
     upstream_ignore_paths: tuple[Any, ...] = ()
     api_keys: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # allowedHosts, normalised (swapd.config._hosts)
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
     preload: tuple[str, ...] = ()
     priority: Mapping[str, int] = field(default_factory=dict)

@@ -229,7 +229,7 @@ async def handle_models(request: web.Request) -> web.Response:
                 "meta": {"llamaswap": {"type": "peer", "peerID": peer.id}},
             })
     data.sort(key=lambda r: r["id"])
-    headers = {}
+    headers = {"Vary": "Origin"}  # the Origin is echoed; caches must key on it
     origin = request.headers.get("Origin")
     if origin:
         headers["Access-Control-Allow-Origin"] = origin

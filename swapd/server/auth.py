@@ -16,6 +16,7 @@ from aiohttp import web
 
 from swapd.server.errors import error_response
 from swapd.server.keys import RUNTIME
+from swapd.server.webguard import cross_site_refusal, host_refusal
 
 EXEMPT_PATHS = frozenset({"/health", "/wol-health"})
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -63,6 +64,7 @@ def _preflight(request: web.Request) -> web.Response:
             if requested
             else "Content-Type, Authorization, Accept, X-Requested-With",
             "Access-Control-Max-Age": "86400",
+            "Vary": "Access-Control-Request-Headers",  # the allowed headers echo the request's
         },
     )
 
@@ -71,12 +73,24 @@ def _preflight(request: web.Request) -> web.Response:
 async def access_middleware(request: web.Request, handler):
     """CORS preflights are answered for any path without a key; everything else needs one if keys are set.
 
+    Before the key, the browser defences of :mod:`swapd.server.webguard`: a
+    keyless swapd answers only Host names a DNS rebinding attack cannot use,
+    and a cross-site "simple" request to a state-changing route is refused.
+
     One middleware rather than two: each layer costs a coroutine and a
     wrapper on every request.
     """
     if request.method == "OPTIONS":
         return _preflight(request)
-    keys = request.app[RUNTIME].config.api_keys
+    rt = request.app[RUNTIME]
+    if request.path not in EXEMPT_PATHS:
+        refusal = host_refusal(request, rt.config, getattr(rt, "listen_host", None))
+        code = "host_not_allowed"
+        if refusal is None:
+            refusal, code = cross_site_refusal(request), "cross_site_request"
+        if refusal is not None:
+            return error_response(request, 403, refusal, code)
+    keys = rt.config.api_keys
     if keys and request.path not in EXEMPT_PATHS:
         provided, header = extract_api_key(request)
         if not key_matches(provided, keys):
