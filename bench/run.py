@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -42,7 +43,7 @@ PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-SCENARIOS = ("latency", "relay", "fanout", "coldstart", "swap", "footprint", "scale", "realmodel")
+SCENARIOS = ("latency", "relay", "fanout", "coldstart", "swap", "footprint", "scale", "realmodel", "bigbody")
 
 # Targets: (result key, label, limit, unit, comparison)
 TARGETS = [
@@ -639,6 +640,89 @@ http {{
         return out
 
     # -- footprint ------------------------------------------------------------------------
+    def bigbody(self) -> dict:
+        """/health latency and swapd's memory while three large JSON bodies (200 MiB each) arrive at once.
+
+        Each upload streams ``{"model": "fast", ..., "content": "aaa…"}`` in
+        1 MiB pieces with its Content-Length; a pinger asks /health every
+        10 ms throughout and samples swapd's RSS.
+        """
+        mib = 50 if self.quick else 200
+        prefix = b'{"model": "fast", "messages": [{"role": "user", "content": "'
+        suffix = b'"}]}'
+        piece = b"a" * (1024 * 1024)
+        total = len(prefix) + mib * len(piece) + len(suffix)
+        port = self.swapd.port
+        pid = self.swapd.pid
+
+        def health_samples(stop: threading.Event, out: list[float], rss: list[float]) -> None:
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    data = b""
+                    while not data.endswith(b"OK"):
+                        data += conn.recv(4096)
+                    out.append((time.perf_counter() - t0) * 1000)
+                    rss.append(rss_mb(pid))
+                    time.sleep(0.01)
+            finally:
+                conn.close()
+
+        def upload(results: list[int]) -> None:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Connection: close\r\nContent-Length: %d\r\n\r\n" % total + prefix)
+            for _ in range(mib):
+                sock.sendall(piece)
+            sock.sendall(suffix)
+            head = b""
+            while b"\r\n" not in head:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+            sock.close()
+            results.append(int(head.split(b" ")[1]) if head.startswith(b"HTTP/") else 0)
+
+        def phase(uploads: int) -> tuple[list[float], list[float], list[int], float]:
+            stop = threading.Event()
+            lat: list[float] = []
+            rss: list[float] = []
+            statuses: list[int] = []
+            pinger = threading.Thread(target=health_samples, args=(stop, lat, rss))
+            pinger.start()
+            t0 = time.monotonic()
+            if uploads:
+                threads = [threading.Thread(target=upload, args=(statuses,)) for _ in range(uploads)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            else:
+                time.sleep(3)
+            seconds = time.monotonic() - t0
+            stop.set()
+            pinger.join()
+            return lat, rss, statuses, seconds
+
+        idle_lat, idle_rss, _, _ = phase(0)
+        lat, rss, statuses, seconds = phase(3)
+        return {
+            "body_mib": mib,
+            "uploads": 3,
+            "statuses": sorted(statuses),
+            "upload_seconds": round(seconds, 2),
+            "health_idle_p99_ms": round(pct(idle_lat, 99), 3),
+            "health_p50_ms": round(pct(lat, 50), 3),
+            "health_p99_ms": round(pct(lat, 99), 3),
+            "health_max_ms": round(max(lat), 3) if lat else None,
+            "rss_idle_mb": round(max(idle_rss), 1),
+            "rss_peak_mb": round(max(rss), 1),
+        }
+
     def footprint(self) -> dict:
         base = 40000
         models = {f"model-{i:02d}": {"cmd": fake_cmd("${PORT}", f"--model-id m{i}")} for i in range(50)}
