@@ -165,3 +165,15 @@ def test_an_oversized_streamed_upload_is_the_clients_413_and_closes_the_connecti
     assert b"connection: close" in data.lower().split(b"\r\n\r\n")[0]
     assert closed
     wait_until(lambda: s.get("/health").status == 200, message="swapd to keep serving")
+
+
+def test_unknown_model_names_the_closest_id_and_every_refusal_is_logged(swapd):
+    s = swapd({"qwen2.5-coder": model()})
+    r = s.chat("qwen2.5-codr")
+    assert r.status == 404
+    assert r.json()["error"]["message"] == "model 'qwen2.5-codr' not found; did you mean 'qwen2.5-coder'?"
+    assert "did you mean" not in s.chat("completely-different").json()["error"]["message"]
+    assert s.post("/v1/chat/completions", b"{not json").status == 400
+    events = [e for e in s.log_events() if e.get("event") == "request"]
+    assert [(e["status"], e["path"]) for e in events] == [(404, "/v1/chat/completions")] * 2 + [
+        (400, "/v1/chat/completions")], events

@@ -8,6 +8,7 @@ or an ``/upstream/<model>/`` path. Local models go through the scheduler;
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import re
 import time
@@ -37,11 +38,18 @@ LOADING_TICK_SECONDS = 0.75
 MULTIPART_SNIFF_LIMIT = 256 * 1024 * 1024
 
 
-def _bad_model(name) -> ClientError:
+def _bad_model(name, config: Config) -> ClientError:
     if not isinstance(name, str) or not name:
         return ClientError(404, "no model id could be identified in the request", "model_not_found")
     shown = name if len(name) <= 200 else name[:200] + "..."
-    return ClientError(404, f"model {shown!r} not found", "model_not_found")
+    message = f"model {shown!r} not found"
+    if len(name) <= 200:
+        known = [m for m, mc in config.models.items() if not mc.unlisted]
+        known += [a for m in known for a in config.models[m].aliases]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+    return ClientError(404, message, "model_not_found")
 
 
 def _lookup(config: Config, name) -> ModelConfig | tuple[PeerConfig, str]:
@@ -53,7 +61,7 @@ def _lookup(config: Config, name) -> ModelConfig | tuple[PeerConfig, str]:
         peer = config.resolve_peer(name)
         if peer is not None:
             return peer
-    raise _bad_model(name)
+    raise _bad_model(name, config)
 
 
 # -- body rewriting ------------------------------------------------------------
