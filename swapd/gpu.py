@@ -37,6 +37,7 @@ import psutil
 
 from swapd import osutil
 from swapd.backend import CHILDREN, State
+from swapd.scheduler import RuntimeView
 from swapd.logging import get_logger
 
 log = get_logger("swapd.gpu")
@@ -637,9 +638,8 @@ def _mib(value: float | None) -> float | None:
 class VramVerifier:
     """Verified stops and gated starts for one swapd (see the module doc)."""
 
-    def __init__(self, get_config: Callable[[], Any], get_backends: Callable[[], Mapping[str, Any]]) -> None:
-        self._config = get_config
-        self._backends = get_backends
+    def __init__(self, runtime: RuntimeView) -> None:
+        self._runtime = runtime  # owns the config and the backends; read, never copied
         self.nvml: Nvml | None = None
         self.unavailable_reason: str | None = None
         self._opened = asyncio.Event()
@@ -679,10 +679,10 @@ class VramVerifier:
             await self.nvml.close()
 
     def _mode(self) -> str:
-        return getattr(self._config(), "vram_check", "warn")
+        return getattr(self._runtime.config, "vram_check", "warn")
 
     def _timeout(self) -> float:
-        return float(getattr(self._config(), "vram_check_timeout", 10.0))
+        return float(getattr(self._runtime.config, "vram_check_timeout", 10.0))
 
     # -- pid namespace detection --------------------------------------------------
     async def _observe(self, snapshot: Snapshot) -> None:
@@ -770,7 +770,7 @@ class VramVerifier:
         root, tracked, started_at = backend.pid, backend.tracked_pids(), backend.started_at
         others = [
             (b.pid, b.tracked_pids(), b.started_at)
-            for b in self._backends().values()
+            for b in self._runtime.backends.values()
             if b is not backend and b.state is not State.STOPPED
         ]
         stop_began = time.time()
@@ -948,7 +948,7 @@ class VramVerifier:
     def _running(self) -> dict[str, tuple[int | None, list[int]]]:
         return {
             model_id: (b.pid, b.tracked_pids())
-            for model_id, b in self._backends().items()
+            for model_id, b in self._runtime.backends.items()
             if b.state is not State.STOPPED
         }
 

@@ -19,14 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from swapd.backend import CHILDREN, Backend, StartError, State, StopReport
 from swapd.config import Config
 from swapd.logging import get_logger
 
 log = get_logger("swapd.scheduler")
+
+
+class RuntimeView(Protocol):
+    """What the scheduler (and the GPU verifier) read from the runtime that owns
+    the state: the current config and the backends table. Neither keeps a copy;
+    a reload changes both in the runtime alone."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def backends(self) -> Mapping[str, Backend]: ...
 
 
 class SchedulerError(Exception):
@@ -81,9 +94,8 @@ class _Swap:
 
 
 class Scheduler:
-    def __init__(self, config: Config, backends: dict[str, Backend]) -> None:
-        self.config = config
-        self.backends = backends
+    def __init__(self, runtime: RuntimeView) -> None:
+        self._runtime = runtime
         self._active: dict[str, _Swap] = {}
         self._queue: list[_Request] = []
         self._reserved: dict[str, int] = {}
@@ -99,6 +111,15 @@ class Scheduler:
         # runs before every start and may raise SchedulerError to refuse it.
         self.stop_guard: Callable[[Backend, str, Callable[[], Awaitable[StopReport]]], Awaitable[StopReport]] | None = None
         self.start_gate: Callable[[Backend], Awaitable[None]] | None = None
+
+    # -- the runtime's state, read through -----------------------------------
+    @property
+    def config(self) -> Config:
+        return self._runtime.config
+
+    @property
+    def backends(self) -> Mapping[str, Backend]:
+        return self._runtime.backends
 
     # -- public API ------------------------------------------------------
     def in_flight(self, model_id: str) -> int:
