@@ -47,6 +47,34 @@ class State(str, enum.Enum):
     STOPPING = "stopping"
 
 
+# Every state change a backend may make; anything else is a bug and raises
+# InvalidTransition instead of silently overwriting the state (after
+# llama-swap's Process). STARTING -> STOPPED is a start that failed or was
+# cancelled; READY -> STOPPING covers both a requested stop and a crash.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING}),
+    State.STARTING: frozenset({State.READY, State.STOPPING, State.STOPPED}),
+    State.READY: frozenset({State.STOPPING}),
+    State.STOPPING: frozenset({State.STOPPED}),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A backend was asked to move between two states the table does not allow."""
+
+    def __init__(self, model_id: str, old: State, new: State) -> None:
+        self.model_id = model_id
+        self.old = old
+        self.new = new
+        super().__init__(f"model {model_id}: invalid state transition {old.value} -> {new.value}")
+
+
+def check_transition(model_id: str, old: State, new: State) -> None:
+    """Raise InvalidTransition unless ``old -> new`` is in TRANSITIONS."""
+    if new not in TRANSITIONS[old]:
+        raise InvalidTransition(model_id, old, new)
+
+
 class StartError(Exception):
     """The backend could not be made ready. The message is meant for a person."""
 
@@ -262,7 +290,7 @@ class Backend:
         CHILDREN.backends.add(self)
         self.model = model
         self.next_model: ModelConfig | None = None  # set by a reload; used from the next start
-        self.state = State.STOPPED
+        self._state = State.STOPPED
         self._logs = logs
         self._session = session
         self._on_exit = on_exit
@@ -282,6 +310,11 @@ class Backend:
 
     # -- introspection -------------------------------------------------
     @property
+    def state(self) -> State:
+        """Read-only: only the backend itself moves it, through TRANSITIONS."""
+        return self._state
+
+    @property
     def id(self) -> str:
         return self.model.id
 
@@ -296,11 +329,22 @@ class Backend:
         return list(self._recent)
 
     def _set_state(self, new: State) -> None:
-        old, self.state = self.state, new
-        if old is not new:
-            log.debug("backend.state", model=self.id, old=old.value, new=new.value)
-            if self._on_state is not None:
-                self._on_state(self, old, new)
+        old = self._state
+        check_transition(self.id, old, new)
+        self._state = new
+        log.debug("backend.state", model=self.id, old=old.value, new=new.value)
+        if self._on_state is not None:
+            self._on_state(self, old, new)
+
+    # -- configuration (a reload) ----------------------------------------
+    def reconfigure(self, model: ModelConfig, *, restart: bool) -> None:
+        """Take a reloaded config: at once when ``restart`` is False (nothing that
+        affects the process changed), else from the next start, so the running
+        process is still stopped the way its own config says."""
+        if restart:
+            self.next_model = model
+        else:
+            self.model = model
 
     def _spawn_task(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -622,15 +666,25 @@ class Backend:
         return report
 
     async def _teardown(self, reason: str) -> None:
-        """Stop after a failed or cancelled start; never raises."""
+        """Stop after a failed or cancelled start; never raises.
+
+        A ``stop()`` that ran meanwhile may have finished the job already (the
+        backend is STOPPED then) or be finishing it: the stop lock orders the two.
+        """
         self._stopping_by_us = True
-        try:
-            if self._proc is not None:
-                self._snapshot_tree()
-                await asyncio.shield(self._terminate(reason, grace_override=0.0))
-        except Exception:  # pragma: no cover - cleanup must not mask the start error
-            log.exception("backend.teardown_failed", model=self.id)
-        self._finish_stop()
+        await asyncio.shield(self._teardown_locked(reason))
+
+    async def _teardown_locked(self, reason: str) -> None:
+        async with self._stop_lock:
+            if self._state is State.STOPPED:
+                return
+            try:
+                if self._proc is not None:
+                    self._snapshot_tree()
+                    await self._terminate(reason, grace_override=0.0)
+            except Exception:  # pragma: no cover - cleanup must not mask the start error
+                log.exception("backend.teardown_failed", model=self.id)
+            self._finish_stop()
 
     def _finish_stop(self) -> None:
         self._proc_cleanup()

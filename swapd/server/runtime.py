@@ -96,15 +96,11 @@ class Runtime:
         removed = [m for m in old.models if m not in new.models]
         changed = [m for m in old.models if m in new.models and old.models[m].fingerprint != new.models[m].fingerprint]
         added = [m for m in new.models if m not in old.models]
-        for model_id in changed:
-            # Takes effect at the next start, so the running process is still
-            # stopped the way its own config says.
-            self._backends[model_id].next_model = new.models[model_id]
         for model_id in new.models:
             if model_id in added:
                 self._backends[model_id] = self.new_backend(new.models[model_id])
-            elif model_id not in changed:
-                self._backends[model_id].model = new.models[model_id]
+            else:
+                self._backends[model_id].reconfigure(new.models[model_id], restart=model_id in changed)
         self._config = new
         if removed or changed:
             await self.scheduler.unload(removed + changed, reason="reload")
