@@ -36,8 +36,8 @@ from typing import Any
 import psutil
 
 from swapd import osutil
-from swapd.backend import CHILDREN, State
-from swapd.scheduler import RuntimeView
+from swapd.backend import CHILDREN, Backend, State, StopReport
+from swapd.scheduler import RuntimeView, Scheduler, SchedulerError
 from swapd.logging import get_logger
 
 log = get_logger("swapd.gpu")
@@ -655,9 +655,10 @@ class VramVerifier:
         self._read_error_logged = False
 
     # -- set-up ----------------------------------------------------------------
-    def attach(self, scheduler: Any) -> None:
-        scheduler.stop_guard = self.stop_guard
-        scheduler.start_gate = self.start_gate
+    def attach(self, scheduler: Scheduler) -> None:
+        """Register as the scheduler's start gate and stop guard."""
+        scheduler.add_stop_guard(self)
+        scheduler.add_start_gate(self)
 
     async def open(self) -> None:
         try:
@@ -708,7 +709,7 @@ class VramVerifier:
             log.debug("gpu.pids_visible")
 
     # -- the start gate -------------------------------------------------------------
-    async def start_gate(self, backend: Any) -> None:
+    async def start_gate(self, backend: Backend) -> None:
         """Before every start: note the device memory; in strict mode refuse while
         a stopped model's memory has not come back."""
         mode = self._mode()
@@ -739,8 +740,6 @@ class VramVerifier:
                 if entry.lingering:
                     text += f" (pids {', '.join(map(str, entry.lingering))})"
                 parts.append(text)
-            from swapd.scheduler import SchedulerError
-
             raise SchedulerError(
                 503,
                 f"GPU memory of a stopped model has not been freed: {'; '.join(parts)}. "
@@ -754,7 +753,7 @@ class VramVerifier:
         self._starts[backend.id] = (time.monotonic(), {d.index: d.used_mib for d in snapshot.devices})
 
     # -- the stop guard ---------------------------------------------------------------
-    async def stop_guard(self, backend: Any, reason: str, do_stop: Callable[[], Awaitable[Any]]) -> Any:
+    async def stop_guard(self, backend: Backend, reason: str, do_stop: Callable[[], Awaitable[StopReport]]) -> StopReport:
         """Wrap one stop: baseline, stop, then verify that the memory came back."""
         mode = self._mode()
         if mode == "off":
@@ -805,7 +804,7 @@ class VramVerifier:
         self,
         model_id: str,
         reason: str,
-        report: Any,
+        report: StopReport,
         snapshot: Snapshot,
         tree: dict[int, float | None],
         estimate: dict[int, float] | None,
