@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -29,6 +29,7 @@ from swapd.config import ModelConfig
 from swapd.guardian import Guardian
 from swapd.logging import get_logger
 from swapd.logring import LogRing
+from swapd.proctree import alive, created_during, descendants, is_child_of_me, own_children, pid_key, same_process
 from swapd.redact import redact_argv
 
 log = get_logger("swapd.backend")
@@ -128,23 +129,16 @@ class ChildRegistry:
         """
         if stopping.started_at is None:
             return
-        others = [b for b in self.backends if b is not stopping and b.state is not State.STOPPED]
-        try:
-            children = psutil.Process().children()
-        except psutil.Error:  # pragma: no cover
-            return
-        for child in children:
+        others = [b.started_at for b in self.backends if b is not stopping and b.state is not State.STOPPED]
+        for child in own_children():
             if child.pid in self.managed:
                 continue
             try:
                 ctime = child.create_time()
             except psutil.Error:
                 continue
-            if ctime < stopping.started_at - 1:
-                continue
-            if any(b.started_at is not None and ctime >= b.started_at - 1 for b in others):
-                continue
-            stopping.claim(child.pid, ctime)
+            if created_during(ctime, stopping.started_at, others):
+                stopping.claim(child.pid, ctime)
 
     def ensure_guardian(self) -> Guardian | None:
         """Start the watchdog that kills our backends if swapd is SIGKILLed (once)."""
@@ -178,11 +172,7 @@ class ChildRegistry:
         if self.spawning:
             return []
         reaped = []
-        try:
-            children = psutil.Process().children()
-        except psutil.Error:  # pragma: no cover
-            return []
-        for child in children:
+        for child in own_children():
             if child.pid in self.managed:
                 continue
             try:
@@ -198,22 +188,46 @@ class ChildRegistry:
 CHILDREN = ChildRegistry()
 
 
-def _pid_key(proc: psutil.Process) -> tuple[int, float] | None:
-    try:
-        return proc.pid, proc.create_time()
-    except psutil.Error:
-        return None
+def kill_leftovers(
+    targets: Mapping[int, float | None], created_before: float, managed: set[int]
+) -> tuple[list[int], dict[int, str]]:
+    """SIGKILL processes of a stopped model that still hold resources (the GPU
+    verifier finds them); blocking, so it runs off the event loop.
+
+    Each pid is checked to still be the process meant (its create time, or
+    created before ``created_before``); returns the pids killed and, per pid
+    that could not be, why. What became swapd's child (it is the subreaper)
+    is reaped unless asyncio owns it (``managed``).
+    """
+    done: list[int] = []
+    failed: dict[int, str] = {}
+    for pid, ctime in targets.items():
+        if same_process(pid, ctime, created_before) is None:
+            failed[pid] = "gone, yet NVML still lists it"
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            failed[pid] = "gone, yet NVML still lists it"
+            continue
+        except PermissionError:
+            failed[pid] = "not permitted to kill it"
+            continue
+        done.append(pid)
+    pending = [p for p in done if p not in managed]
+    for _ in range(50):
+        pending = [p for p in pending if _unreaped_child(p)]
+        if not pending:
+            break
+        time.sleep(0.01)
+    return done, failed
 
 
-def _alive(pid: int, ctime: float) -> bool:
-    """True while ``pid`` is still the process we tracked and not a zombie."""
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - ctime) > 0.01:
-            return False  # pid was reused by an unrelated process
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
+def _unreaped_child(pid: int) -> bool:
+    """Reap ``pid`` if it is our exited child; True while it is our child still dying."""
+    if osutil.reap_zombie(pid) is not None:
         return False
+    return is_child_of_me(pid)
 
 
 class _RawProbeTarget:
@@ -441,7 +455,7 @@ class Backend:
         CHILDREN.managed.add(proc.pid)
         CHILDREN.track(proc.pid, group=True)
         self.started_at = time.time()
-        key = _pid_key(psutil.Process(proc.pid)) if psutil.pid_exists(proc.pid) else None
+        key = pid_key(psutil.Process(proc.pid)) if psutil.pid_exists(proc.pid) else None
         if key:
             self._tracked[key[0]] = key[1]
         log.info("backend.start", model=self.id, pid=proc.pid, cmd=shlex.join(redact_argv(model.cmd)))
@@ -605,19 +619,14 @@ class Backend:
         """Add the root's current descendants (and process-group members) to the tracked set."""
         if self._proc is None:
             return
-        try:
-            root = psutil.Process(self._proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            procs = []
-        for proc in procs:
-            key = _pid_key(proc)
+        for proc in descendants(self._proc.pid):
+            key = pid_key(proc)
             if key is not None and key[0] not in self._tracked:
                 self._tracked[key[0]] = key[1]
                 CHILDREN.track(key[0])
 
     def _live_tracked(self) -> dict[int, float]:
-        return {pid: ctime for pid, ctime in self._tracked.items() if _alive(pid, ctime)}
+        return {pid: ctime for pid, ctime in self._tracked.items() if alive(pid, ctime)}
 
     def claim(self, pid: int, ctime: float) -> None:
         """Attribute an orphan (found by the registry) to this backend."""
@@ -722,10 +731,10 @@ class Backend:
         assert proc is not None
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            if self._exited.is_set() and not any(_alive(p, c) for p, c in targets):
+            if self._exited.is_set() and not any(alive(p, c) for p, c in targets):
                 return [], []
             await asyncio.sleep(0.02)
-        remaining = [(p, c) for p, c in targets if _alive(p, c)]
+        remaining = [(p, c) for p, c in targets if alive(p, c)]
         forced = [p for p, _ in remaining]
         if not self._exited.is_set() and proc.pid not in forced:
             forced.insert(0, proc.pid)
@@ -740,10 +749,10 @@ class Backend:
             for pid, _ in remaining:
                 if pid not in CHILDREN.managed:
                     osutil.reap_zombie(pid)
-            if self._exited.is_set() and not any(_alive(p, c) for p, c in remaining):
+            if self._exited.is_set() and not any(alive(p, c) for p, c in remaining):
                 return forced, []
             await asyncio.sleep(0.02)
-        survivors = [p for p, c in remaining if _alive(p, c)]
+        survivors = [p for p, c in remaining if alive(p, c)]
         return forced, survivors
 
     async def _run_cmd_stop(self, pid: int, timeout: float) -> None:

@@ -27,18 +27,15 @@ import asyncio
 import collections
 import concurrent.futures
 import os
-import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
-from swapd import osutil
-from swapd.backend import CHILDREN, Backend, State, StopReport
+from swapd.backend import CHILDREN, Backend, State, StopReport, kill_leftovers
 from swapd.scheduler import RuntimeView, Scheduler, SchedulerError
 from swapd.logging import get_logger
+from swapd.proctree import find_orphans, proc_name, process_tree
 
 log = get_logger("swapd.gpu")
 
@@ -380,92 +377,6 @@ def _code(exc: BaseException) -> int | None:
 
 def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-# -- process trees (psutil; run off the event loop) ---------------------------
-
-
-def process_tree(root: int | None, tracked: Iterable[int]) -> dict[int, float]:
-    """Live pids of a model: its root, the root's descendants and the pids the
-    backend tracked (which include children that left with setsid), each with
-    its create time so a reused pid is never mistaken for it."""
-    out: dict[int, float] = {}
-    procs: list[psutil.Process] = []
-    if root is not None:
-        try:
-            top = psutil.Process(root)
-            procs.append(top)
-            procs.extend(top.children(recursive=True))
-        except psutil.Error:
-            pass
-    for pid in tracked:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.Error:
-            continue
-    for proc in procs:
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            out.setdefault(proc.pid, proc.create_time())
-        except psutil.Error:
-            continue
-    return out
-
-
-def _same_process(pid: int, ctime: float | None, created_before: float) -> psutil.Process | None:
-    """The live process ``pid`` if it is still the one we mean, else None."""
-    if pid <= 1 or pid == os.getpid():
-        return None
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        created = proc.create_time()
-    except psutil.Error:
-        return None
-    if ctime is not None:
-        return proc if abs(created - ctime) < 0.01 else None
-    return proc if created <= created_before else None
-
-
-def find_orphans(
-    candidates: Iterable[int],
-    *,
-    started_at: float | None,
-    other_pids: set[int],
-    other_started: Iterable[float | None],
-    managed: set[int],
-) -> dict[int, float]:
-    """GPU processes that can only have come from the model being stopped.
-
-    swapd is a child subreaper, so a grandchild whose parent exited is
-    re-parented to swapd. A GPU process qualifies when it descends from swapd,
-    belongs to no other running model, is no backend root, was created while
-    the stopped model ran, and no other running model started before it (so
-    it could not be theirs). This is how a detached helper forked during the
-    stop itself is found.
-    """
-    if started_at is None:
-        return {}
-    me = os.getpid()
-    others_started = [s for s in other_started if s is not None]
-    found: dict[int, float] = {}
-    for pid in candidates:
-        if pid in other_pids or pid in managed or pid <= 1 or pid == me:
-            continue
-        try:
-            proc = psutil.Process(pid)
-            ctime = proc.create_time()
-            ancestors = [p.pid for p in proc.parents()]
-        except psutil.Error:
-            continue
-        if ctime < started_at - 1 or any(ctime >= s - 1 for s in others_started):
-            continue
-        if me not in ancestors or any(a in other_pids or a in managed for a in ancestors if a != me):
-            continue
-        found[pid] = ctime
-    return found
 
 
 # -- attribution and the decision ---------------------------------------------
@@ -838,7 +749,7 @@ class VramVerifier:
                 break
             targets = {pid: tree.get(pid) for pid in verdict.lingering if pid not in killed and pid not in kill_failed}
             if targets and not memory_only:
-                done, failed = await self.nvml.call(_kill_lingering, targets, stop_began, set(CHILDREN.managed))
+                done, failed = await self.nvml.call(kill_leftovers, targets, stop_began, set(CHILDREN.managed))
                 for pid in done:
                     killed.append(pid)
                     log.warning("vram.sigkill", model=model_id, pid=pid, mib=_mib(verdict.lingering.get(pid)))
@@ -1048,60 +959,12 @@ class VramVerifier:
                     "processes_listed": dev.processes is not None,
                     "models": models,
                     "unattributed": [
-                        {"pid": p.pid, "vram_mib": _mib(p.used_mib), "type": p.kind, "name": _proc_name(p.pid) if visible else None}
+                        {"pid": p.pid, "vram_mib": _mib(p.used_mib), "type": p.kind, "name": proc_name(p.pid) if visible else None}
                         for p in att.unattributed.get(dev.index, ())
                     ],
                 }
             )
         return out
-
-
-def _proc_name(pid: int) -> str | None:
-    try:
-        return psutil.Process(pid).name()
-    except psutil.Error:
-        return None
-
-
-def _kill_lingering(
-    targets: Mapping[int, float | None], created_before: float, managed: set[int]
-) -> tuple[list[int], dict[int, str]]:
-    """SIGKILL the model's processes that still hold GPU memory after its stop."""
-    done: list[int] = []
-    failed: dict[int, str] = {}
-    for pid, ctime in targets.items():
-        proc = _same_process(pid, ctime, created_before)
-        if proc is None:
-            failed[pid] = "gone, yet NVML still lists it"
-            continue
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            failed[pid] = "gone, yet NVML still lists it"
-            continue
-        except PermissionError:
-            failed[pid] = "not permitted to kill it"
-            continue
-        done.append(pid)
-    # Reap what we killed if it became our child (re-parented to swapd, the
-    # subreaper), unless asyncio owns it; the SIGCHLD handler does the same.
-    pending = [p for p in done if p not in managed]
-    for _ in range(50):
-        pending = [p for p in pending if _unreaped_child(p)]
-        if not pending:
-            break
-        time.sleep(0.01)
-    return done, failed
-
-
-def _unreaped_child(pid: int) -> bool:
-    """Reap ``pid`` if it is our exited child; True while it is our child still dying."""
-    if osutil.reap_zombie(pid) is not None:
-        return False
-    try:
-        return psutil.Process(pid).ppid() == os.getpid()
-    except psutil.Error:
-        return False
 
 
 def _not_freed_detail(verdict: Verdict, kill_failed: Mapping[int, str], timeout: float) -> str:
