@@ -35,6 +35,7 @@ from swapd.redact import redact_argv
 log = get_logger("swapd.backend")
 
 TAIL_LINES = 20
+START_FAILED_TAIL = 10  # output lines a backend.start_failed log event carries
 _READ_CHUNK = 64 * 1024
 _MAX_LINE = 8 * 1024
 # Tree snapshots while a backend runs; cheap (one /proc walk) and rare.
@@ -381,6 +382,7 @@ class Backend:
             self.model, self.next_model = self.next_model, None
         self._set_state(State.STARTING)
         self._exited = asyncio.Event()
+        self._proc = None  # the last run's process is gone; pid is None until this one spawns
         self._tracked = {}
         self._recent.clear()
         self._stopping_by_us = False
@@ -392,6 +394,17 @@ class Backend:
         except BaseException as exc:
             if isinstance(exc, StartError):
                 self.last_error = exc.detail()
+                log.error(
+                    "backend.start_failed",
+                    model=self.id,
+                    pid=self.pid,
+                    cause=str(exc),
+                    exit_code=exc.exit_code,
+                    tail=exc.tail[-START_FAILED_TAIL:],
+                    seconds=round(time.monotonic() - t0, 3),
+                )
+            elif isinstance(exc, Exception):  # a bug, but the log must still say the start failed
+                log.exception("backend.start_failed", model=self.id, pid=self.pid, cause=repr(exc))
             await self._teardown("start failed")
             raise
         self.ready_at = time.time()
@@ -438,6 +451,8 @@ class Backend:
         CHILDREN.spawning += 1
         try:
             argv, preexec = osutil.pdeathsig_command(model.cmd, env)
+            if osutil.running_on_uvloop():  # only stdio may reach the backend
+                preexec = osutil.stdio_only_preexec(preexec)
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -767,6 +782,7 @@ class Backend:
                 stderr=asyncio.subprocess.DEVNULL,
                 env={**os.environ, **dict(self.model.env)},
                 start_new_session=True,
+                preexec_fn=osutil.stdio_only_preexec() if osutil.running_on_uvloop() else None,
             )
         except OSError as exc:
             log.error("backend.cmd_stop_failed", model=self.id, error=str(exc))
