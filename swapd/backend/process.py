@@ -2,34 +2,36 @@
 
 A ``Backend`` owns its process and its state. The scheduler decides *when* a
 backend starts or stops; the backend decides *how*, and it is the only code
-that changes its own state.
+that changes its own state (along swapd.backend.state.TRANSITIONS).
+
+Over 500 lines on purpose: one class whose start, crash watch and stop share
+the process, the tracked tree and the stop lock; splitting it would spread
+one state machine over several files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import enum
 import os
 import shlex
 import signal
 import socket
 import time
-import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aiohttp
 import psutil
-import yarl
 
 from swapd import osutil
+from swapd.backend.children import CHILDREN
+from swapd.backend.probe import _RawProbeTarget
+from swapd.backend.state import State, StartError, StopReport, check_transition
 from swapd.config import ModelConfig
-from swapd.guardian import Guardian
 from swapd.logging import get_logger
 from swapd.logring import LogRing
-from swapd.proctree import alive, created_during, descendants, is_child_of_me, own_children, pid_key, same_process
+from swapd.proctree import alive, descendants, pid_key
 from swapd.redact import redact_argv
 
 log = get_logger("swapd.backend")
@@ -40,255 +42,6 @@ _READ_CHUNK = 64 * 1024
 _MAX_LINE = 8 * 1024
 # Tree snapshots while a backend runs; cheap (one /proc walk) and rare.
 _TRACK_INTERVAL = 5.0
-
-
-class State(str, enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-
-
-# Every state change a backend may make; anything else is a bug and raises
-# InvalidTransition instead of silently overwriting the state (after
-# llama-swap's Process). STARTING -> STOPPED is a start that failed or was
-# cancelled; READY -> STOPPING covers both a requested stop and a crash.
-TRANSITIONS: dict[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.STARTING}),
-    State.STARTING: frozenset({State.READY, State.STOPPING, State.STOPPED}),
-    State.READY: frozenset({State.STOPPING}),
-    State.STOPPING: frozenset({State.STOPPED}),
-}
-
-
-class InvalidTransition(RuntimeError):
-    """A backend was asked to move between two states the table does not allow."""
-
-    def __init__(self, model_id: str, old: State, new: State) -> None:
-        self.model_id = model_id
-        self.old = old
-        self.new = new
-        super().__init__(f"model {model_id}: invalid state transition {old.value} -> {new.value}")
-
-
-def check_transition(model_id: str, old: State, new: State) -> None:
-    """Raise InvalidTransition unless ``old -> new`` is in TRANSITIONS."""
-    if new not in TRANSITIONS[old]:
-        raise InvalidTransition(model_id, old, new)
-
-
-class StartError(Exception):
-    """The backend could not be made ready. The message is meant for a person."""
-
-    def __init__(self, model_id: str, message: str, *, exit_code: int | None = None, tail: list[str] | None = None):
-        self.model_id = model_id
-        self.exit_code = exit_code
-        self.tail = tail or []
-        super().__init__(message)
-
-    def detail(self) -> str:
-        text = str(self)
-        if self.tail:
-            text += "\nlast output:\n" + "\n".join(self.tail)
-        return text
-
-
-@dataclass
-class StopReport:
-    model_id: str
-    reason: str
-    root_pid: int | None
-    pids: list[int]
-    forced: list[int] = field(default_factory=list)  # pids that needed SIGKILL
-    survivors: list[int] = field(default_factory=list)  # pids still alive at the end
-    seconds: float = 0.0
-    exit_code: int | None = None
-
-
-class ChildRegistry:
-    """What swapd knows about its own children, for reaping orphans safely.
-
-    swapd is a child subreaper, so orphaned grandchildren of a backend become
-    swapd's children and must be reaped by us. Processes that asyncio spawned
-    are reaped by asyncio's child watcher; reaping one of those here would lose
-    its exit code, so they are excluded, and nothing is reaped while a spawn is
-    between fork and registration.
-    """
-
-    def __init__(self) -> None:
-        self.managed: set[int] = set()
-        self.spawning = 0
-        self.guardian: Guardian | None = None
-        self.backends: weakref.WeakSet[Backend] = weakref.WeakSet()
-
-    def claim_orphans(self, stopping: Backend) -> None:
-        """Give ``stopping`` the orphans re-parented to swapd that only it could own.
-
-        An orphan belongs to a backend if it was created while that backend
-        ran; when another live backend could also have created it, it is left
-        alone rather than killed on a guess.
-        """
-        if stopping.started_at is None:
-            return
-        others = [b.started_at for b in self.backends if b is not stopping and b.state is not State.STOPPED]
-        for child in own_children():
-            if child.pid in self.managed:
-                continue
-            try:
-                ctime = child.create_time()
-            except psutil.Error:
-                continue
-            if created_during(ctime, stopping.started_at, others):
-                stopping.claim(child.pid, ctime)
-
-    def ensure_guardian(self) -> Guardian | None:
-        """Start the watchdog that kills our backends if swapd is SIGKILLed (once)."""
-        if self.guardian is None:
-            guardian = Guardian()
-            if guardian.start():
-                self.guardian = guardian
-                self.managed.add(guardian.pid)
-            else:
-                log.warning("guardian.unavailable", detail="backends' descendants may outlive a SIGKILL of swapd")
-        return self.guardian
-
-    def close_guardian(self) -> None:
-        if self.guardian is not None:
-            pid = self.guardian.pid
-            self.guardian.close()
-            self.managed.discard(pid)
-            self.guardian = None
-
-    def track(self, pid: int, group: bool = False) -> None:
-        if self.guardian is not None:
-            if group:
-                self.guardian.track_group(pid)
-            self.guardian.track_pid(pid)
-
-    def forget(self, pid: int) -> None:
-        if self.guardian is not None:
-            self.guardian.forget(pid)
-
-    def reap_orphans(self) -> list[int]:
-        if self.spawning:
-            return []
-        reaped = []
-        for child in own_children():
-            if child.pid in self.managed:
-                continue
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE:
-                    continue
-            except psutil.Error:
-                continue
-            if osutil.reap_zombie(child.pid) is not None:
-                reaped.append(child.pid)
-        return reaped
-
-
-CHILDREN = ChildRegistry()
-
-
-def kill_leftovers(
-    targets: Mapping[int, float | None], created_before: float, managed: set[int]
-) -> tuple[list[int], dict[int, str]]:
-    """SIGKILL processes of a stopped model that still hold resources (the GPU
-    verifier finds them); blocking, so it runs off the event loop.
-
-    Each pid is checked to still be the process meant (its create time, or
-    created before ``created_before``); returns the pids killed and, per pid
-    that could not be, why. What became swapd's child (it is the subreaper)
-    is reaped unless asyncio owns it (``managed``).
-    """
-    done: list[int] = []
-    failed: dict[int, str] = {}
-    for pid, ctime in targets.items():
-        if same_process(pid, ctime, created_before) is None:
-            failed[pid] = "gone, yet NVML still lists it"
-            continue
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            failed[pid] = "gone, yet NVML still lists it"
-            continue
-        except PermissionError:
-            failed[pid] = "not permitted to kill it"
-            continue
-        done.append(pid)
-    pending = [p for p in done if p not in managed]
-    for _ in range(50):
-        pending = [p for p in pending if _unreaped_child(p)]
-        if not pending:
-            break
-        time.sleep(0.01)
-    return done, failed
-
-
-def _unreaped_child(pid: int) -> bool:
-    """Reap ``pid`` if it is our exited child; True while it is our child still dying."""
-    if osutil.reap_zombie(pid) is not None:
-        return False
-    return is_child_of_me(pid)
-
-
-class _RawProbeTarget:
-    """A plain-http health URL, probed with one non-blocking socket (see ``Backend._probe``)."""
-
-    __slots__ = ("host", "port", "request", "addrs")
-
-    def __init__(self, host: str, port: int, request: bytes) -> None:
-        self.host = host
-        self.port = port
-        self.request = request
-        self.addrs: list[tuple[int, tuple]] | None = None
-
-    @classmethod
-    def parse(cls, url: str) -> _RawProbeTarget | None:
-        try:
-            parts = yarl.URL(url)
-            if parts.scheme != "http" or not parts.raw_host or parts.raw_user or parts.raw_password:
-                return None
-            port = parts.port or 80
-            host_header = parts.raw_host if ":" not in parts.raw_host else f"[{parts.raw_host}]"
-            if not parts.is_default_port():
-                host_header += f":{port}"
-            request = (f"GET {parts.raw_path_qs or '/'} HTTP/1.1\r\nHost: {host_header}\r\n"
-                       "Accept: */*\r\nConnection: close\r\n\r\n").encode("ascii")
-        except (ValueError, UnicodeError):
-            return None
-        return cls(parts.raw_host, port, request)
-
-    async def probe(self) -> bool | None:
-        """True on 200, False when not ready, None when aiohttp should decide (a redirect)."""
-        loop = asyncio.get_running_loop()
-        if self.addrs is None:
-            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-            self.addrs = [(family, address) for family, _, _, _, address in infos]
-        for family, address in self.addrs:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, address)
-                except OSError:
-                    continue  # refused: not listening yet (or try the next address)
-                await loop.sock_sendall(sock, self.request)
-                head = b""
-                while b"\r\n" not in head and len(head) < 4096:
-                    chunk = await loop.sock_recv(sock, 4096)
-                    if not chunk:
-                        break
-                    head += chunk
-            finally:
-                sock.close()
-            fields = head.split(b" ", 2)
-            if len(fields) < 2 or not fields[0].startswith(b"HTTP/"):
-                return False
-            if fields[1] == b"200":
-                return True
-            return None if fields[1][:1] == b"3" else False
-        return False
-
 
 class Backend:
     """The process behind one configured model."""
