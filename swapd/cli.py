@@ -8,11 +8,15 @@ import os
 import signal
 import ssl
 import sys
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from swapd import __version__, logging as slog, osutil
 from swapd.config import ConfigError, config_dir_files, load_config_sources
+
+if TYPE_CHECKING:
+    from swapd.server.runtime import Runtime
 
 # llama-swap spells its flags with one dash (Go's flag package); accept both.
 _SINGLE_DASH = (
@@ -234,7 +238,8 @@ async def serve(config, args) -> None:
     if unprotected_listen(host, config):
         log.warning("swapd.unprotected", address=shown, detail="no apiKeys: anyone who can reach this "
                     "address can use every model and /unload; set apiKeys, or listen on 127.0.0.1")
-    reloader = Reloader(rt, args.config, getattr(args, "config_dir", None), sink=sink)
+    rt.log_sink = sink
+    reloader = Reloader(rt, args.config, getattr(args, "config_dir", None))
     loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
     watcher = loop.create_task(reloader.watch()) if args.watch_config else None
 
@@ -268,11 +273,10 @@ class Reloader:
 
     POLL_SECONDS = 1.0
 
-    def __init__(self, runtime, path: str | None, config_dir: str | None = None, sink=None) -> None:
+    def __init__(self, runtime: Runtime, path: str | None, config_dir: str | None = None) -> None:
         self.runtime = runtime
         self.path = path
         self.config_dir = config_dir
-        self.sink = sink
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._log = slog.get_logger("swapd.config")
@@ -283,24 +287,15 @@ class Reloader:
         task.add_done_callback(self._tasks.discard)
 
     async def reload(self, why: str) -> bool:
-        from swapd.server.observe import apply_log_settings
-
+        """Load the config's files and hand them to ``Runtime.reload``, which
+        applies them (the one place a reload happens)."""
         async with self._lock:
             try:
                 new = load_config_sources(self.path, self.config_dir)
             except ConfigError as exc:
                 self._log.error("config.reload_failed", reason=why, error=str(exc), detail="keeping the running config")
                 return False
-            for warning in new.warnings:
-                self._log.warning("config.warning", file=new.path, message=warning)
-            changes = await self.runtime.reload(new)
-            echo = getattr(self.runtime, "upstream_echo", None)
-            for warning in apply_log_settings(new, self.sink, echo):
-                self._log.warning("config.warning", file=new.path, message=warning)
-            events = getattr(self.runtime, "events", None)
-            if events is not None:
-                events.models_changed()
-            self._log.info("config.reloaded", reason=why, **changes)
+            await self.runtime.reload(new, why)
             return True
 
     @staticmethod

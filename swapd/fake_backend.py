@@ -13,6 +13,7 @@ Endpoints:
   GET  /v1/models              the --model-id
   GET  /x/headers              the request headers as a JSON object
   GET  /x/pid                  {"pid": ...}
+  GET  /x/fds                  {"fds": {"0": "/dev/null", "3": "socket:[...]", ...}}: this process's open fds
   GET  /x/stats                stream / request counters
   anything else                404 {"error": {"message": ..., "type": "not_found"}}
 
@@ -93,6 +94,7 @@ class FakeBackend:
         r.add_get("/v1/models", self.models)
         r.add_get("/x/headers", self.x_headers)
         r.add_get("/x/pid", self.x_pid)
+        r.add_get("/x/fds", self.x_fds)
         r.add_get("/x/stats", self.x_stats)
         r.add_route("*", "/{tail:.*}", self.not_found)
         return app
@@ -340,6 +342,15 @@ class FakeBackend:
         for k, v in request.headers.items():
             out[k] = f"{out[k]}, {v}" if k in out else v
         return _json(out)
+
+    async def x_fds(self, request: web.Request) -> web.Response:
+        fds = {}
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                fds[name] = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:  # the listing's own fd, closed by now
+                pass
+        return _json({"fds": fds})
 
     async def x_pid(self, request: web.Request) -> web.Response:
         return _json({"pid": os.getpid()})

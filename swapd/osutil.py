@@ -69,6 +69,49 @@ def make_pdeathsig_preexec(sig: int = signal.SIGKILL):
     return preexec
 
 
+def stdio_only_preexec(then: Callable[[], None] | None = None) -> Callable[[], None]:
+    """A preexec_fn that leaves the child only its stdio across exec, for uvloop.
+
+    uvloop does not implement ``close_fds``: it marks the child's ends of the
+    stdio pipes (and /dev/null) inheritable in swapd before forking, so after
+    libuv dup2()s them onto 0-2 the originals stay open in the backend, as
+    does any fd swapd itself inherited from its parent. This runs in the
+    child after fork and before libuv's dup2s, and marks every fd above 2
+    close-on-exec: the dup2 targets 0-2 are created inheritable, everything
+    else closes at exec. (asyncio's loop closes them itself: close_fds.)
+    Then ``then`` runs (the pdeathsig preexec, where setpriv is missing).
+    Everything is looked up before the fork.
+    """
+    listdir = os.listdir
+    get_inheritable = os.get_inheritable
+    set_inheritable = os.set_inheritable
+
+    def preexec() -> None:
+        try:
+            names = listdir("/proc/self/fd")
+        except OSError:  # pragma: no cover - no /proc
+            names = [str(fd) for fd in range(3, 1024)]
+        for name in names:
+            fd = int(name)
+            if fd > 2:
+                try:
+                    if get_inheritable(fd):
+                        set_inheritable(fd, False)
+                except OSError:  # closed (the listing's own fd)
+                    pass
+        if then is not None:
+            then()
+
+    return preexec
+
+
+def running_on_uvloop() -> bool:
+    try:
+        return type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+    except RuntimeError:
+        return False
+
+
 def reap_zombie(pid: int) -> int | None:
     """Reap ``pid`` if it is an exited child of ours; return its raw status."""
     try:

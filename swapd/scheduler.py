@@ -19,14 +19,46 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from swapd.backend import CHILDREN, Backend, StartError, State, StopReport
 from swapd.config import Config
 from swapd.logging import get_logger
+from swapd.router import GroupRouter, Router, RunningModel
 
 log = get_logger("swapd.scheduler")
+
+
+class RuntimeView(Protocol):
+    """What the scheduler (and the GPU verifier) read from the runtime that owns
+    the state: the current config and the backends table. Neither keeps a copy;
+    a reload changes both in the runtime alone."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def backends(self) -> Mapping[str, Backend]: ...
+
+
+class StartGate(Protocol):
+    """An extension point run before every backend start (swapd.gpu implements it)."""
+
+    async def start_gate(self, backend: Backend) -> None:
+        """Return to let the start go ahead; raise SchedulerError to refuse it."""
+        ...
+
+
+class StopGuard(Protocol):
+    """An extension point wrapped around every stop of a running backend."""
+
+    async def stop_guard(
+        self, backend: Backend, reason: str, do_stop: Callable[[], Awaitable[StopReport]]
+    ) -> StopReport:
+        """Call ``do_stop`` exactly once and return its report (measuring around it)."""
+        ...
 
 
 class SchedulerError(Exception):
@@ -80,10 +112,20 @@ class _Swap:
     task: asyncio.Task | None = None
 
 
+def _guarded(
+    guard: StopGuard, backend: Backend, reason: str, inner: Callable[[], Awaitable[StopReport]]
+) -> Callable[[], Awaitable[StopReport]]:
+    def run() -> Awaitable[StopReport]:
+        return guard.stop_guard(backend, reason, inner)
+
+    return run
+
+
 class Scheduler:
-    def __init__(self, config: Config, backends: dict[str, Backend]) -> None:
-        self.config = config
-        self.backends = backends
+    def __init__(self, runtime: RuntimeView, router: Router | None = None) -> None:
+        self._runtime = runtime
+        self.router: Router = router if router is not None else GroupRouter()
+        self._last_used: dict[str, float] = {}
         self._active: dict[str, _Swap] = {}
         self._queue: list[_Request] = []
         self._reserved: dict[str, int] = {}
@@ -94,11 +136,28 @@ class Scheduler:
         self.swap_count = 0
         self.stop_history: list[StopReport] = []
         self.on_stop: list[Callable[[StopReport], None]] = []
-        # Hooks for GPU verification (swapd.gpu): ``stop_guard(backend, reason,
-        # do_stop)`` wraps every stop and returns its report; ``start_gate(backend)``
-        # runs before every start and may raise SchedulerError to refuse it.
-        self.stop_guard: Callable[[Backend, str, Callable[[], Awaitable[StopReport]]], Awaitable[StopReport]] | None = None
-        self.start_gate: Callable[[Backend], Awaitable[None]] | None = None
+        # Extension points (swapd.gpu registers both): see add_start_gate / add_stop_guard.
+        self._start_gates: list[StartGate] = []
+        self._stop_guards: list[StopGuard] = []
+
+    # -- extension points --------------------------------------------------
+    def add_start_gate(self, gate: StartGate) -> None:
+        """Run ``gate.start_gate(backend)`` before every start, in registration order."""
+        self._start_gates.append(gate)
+
+    def add_stop_guard(self, guard: StopGuard) -> None:
+        """Wrap every stop of a running backend in ``guard.stop_guard``; the first
+        registered guard is the outermost."""
+        self._stop_guards.append(guard)
+
+    # -- the runtime's state, read through -----------------------------------
+    @property
+    def config(self) -> Config:
+        return self._runtime.config
+
+    @property
+    def backends(self) -> Mapping[str, Backend]:
+        return self._runtime.backends
 
     # -- public API ------------------------------------------------------
     def in_flight(self, model_id: str) -> int:
@@ -226,30 +285,24 @@ class Scheduler:
     def _priority(self, model_id: str) -> int:
         return self.config.priority.get(model_id, 0)
 
-    def _running_set(self, exclude: str) -> list[str]:
-        running = {m for m, b in self.backends.items() if b.state is not State.STOPPED}
-        running.update(t for t in self._active if t != exclude)
-        running.discard(exclude)
-        return sorted(running)
-
-    def _eviction_for(self, target: str, running: list[str]) -> list[str]:
-        """Models that must stop before ``target`` may run (llama-swap's group rules)."""
-        cfg = self.config
-        tg = cfg.group_of(target)
-        out = []
-        for other in running:
-            if other == target:
-                continue
-            if other not in cfg.models:  # removed by a reload, still stopping
-                out.append(other)
-                continue
-            og = cfg.group_of(other)
-            if og.id == tg.id:
-                if tg.swap:
-                    out.append(other)
-            elif tg.exclusive and not og.persistent:
-                out.append(other)
+    def _running_set(self, exclude: str) -> dict[str, RunningModel]:
+        """What the router sees: every model not stopped, and every model a swap
+        is bringing in, except ``exclude`` (the target)."""
+        out: dict[str, RunningModel] = {}
+        for model_id, backend in self.backends.items():
+            if backend.state is not State.STOPPED and model_id != exclude:
+                out[model_id] = self._running_model(model_id, backend.state.value)
+        for model_id in self._active:
+            if model_id != exclude and model_id not in out:
+                out[model_id] = self._running_model(model_id, "swapping")
         return out
+
+    def _running_model(self, model_id: str, state: str) -> RunningModel:
+        return RunningModel(model_id, self._in_flight.get(model_id, 0), self._last_used.get(model_id), state)
+
+    def _eviction_for(self, target: str) -> list[str]:
+        """Models that must stop before ``target`` may run (the router decides)."""
+        return list(self.router.decide(target, self._running_set(target), self.config).evict)
 
     def _collides(self, target: str, evict: list[str]) -> bool:
         for other, swap in self._active.items():
@@ -266,7 +319,7 @@ class Scheduler:
             swap.waiters.append(req)
             return True
         backend = self.backends[req.model]
-        evict = self._eviction_for(req.model, self._running_set(req.model))
+        evict = self._eviction_for(req.model)
         if backend.state is State.READY and not evict and not self._collides(req.model, evict):
             self._grant(req)
             return True
@@ -321,6 +374,7 @@ class Scheduler:
         if req.future.done():  # the caller is gone; its reservation went with _on_cancel
             return
         self._in_flight[req.model] = self._in_flight.get(req.model, 0) + 1
+        self._last_used[req.model] = time.monotonic()
         timer = self._ttl_timers.pop(req.model, None)
         if timer is not None:
             timer.cancel()
@@ -340,6 +394,7 @@ class Scheduler:
 
     def _on_serve_done(self, model_id: str) -> None:
         self._release(model_id)
+        self._last_used[model_id] = time.monotonic()
         n = self._in_flight.get(model_id, 0) - 1
         if n > 0:
             self._in_flight[model_id] = n
@@ -398,8 +453,8 @@ class Scheduler:
             backend = self.backends[swap.target]
             if backend.state is not State.READY:
                 await self._stop(swap.target, "restart")  # waits out a stop already in progress
-                if self.start_gate is not None:
-                    await self.start_gate(backend)
+                for gate in self._start_gates:
+                    await gate.start_gate(backend)
                 await backend.start()
                 if swap.evict:
                     self.swap_count += 1
@@ -436,10 +491,10 @@ class Scheduler:
         def do_stop() -> Awaitable[StopReport]:
             return backend.stop(reason)
 
-        if self.stop_guard is not None and backend.state is not State.STOPPED:
-            report = await self.stop_guard(backend, reason, do_stop)
-        else:
-            report = await do_stop()
+        if backend.state is not State.STOPPED:
+            for guard in reversed(self._stop_guards):
+                do_stop = _guarded(guard, backend, reason, do_stop)
+        report = await do_stop()
         if report.pids:
             self.stop_history.append(report)
             del self.stop_history[:-100]

@@ -239,6 +239,7 @@ def start_swapd(
     config_flag: bool = True,
     split_stdout: bool = False,
     ssl_context=None,
+    pass_fds=(),
     **top,
 ) -> Swapd:
     """Start swapd on a fresh port with ``models`` written to tmp_path/config.yaml.
@@ -246,7 +247,8 @@ def start_swapd(
     ``config_flag=False`` leaves ``--config`` out (pass ``--config-dir`` in
     ``extra_args``); ``split_stdout`` keeps stdout in its own file
     (``Swapd.stdout_text()``) instead of in the log; ``ssl_context`` makes the
-    helpers talk HTTPS with that client context.
+    helpers talk HTTPS with that client context; ``pass_fds`` are fds swapd
+    inherits (as from a careless parent).
     """
     tag = tag or uuid.uuid4().hex
     config_path = write_config(tmp_path / "config.yaml", models, tag, **top)
@@ -269,6 +271,7 @@ def start_swapd(
         stdin=subprocess.DEVNULL,
         cwd=ROOT,
         env=env,
+        pass_fds=pass_fds,
     )
     swapd = Swapd(proc, port, config_path, tag, log_path, log_file, stdout_path, ssl_context, stdout_file)
 

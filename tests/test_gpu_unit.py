@@ -273,7 +273,7 @@ def _holder(state: Path, mib: int) -> subprocess.Popen:
 
 def _verifier(backends: dict, **config) -> VramVerifier:
     cfg = SimpleNamespace(vram_check=config.get("mode", "warn"), vram_check_timeout=config.get("timeout", 3.0))
-    return VramVerifier(lambda: cfg, lambda: backends)
+    return VramVerifier(SimpleNamespace(config=cfg, backends=backends))
 
 
 def test_verifier_kills_a_process_of_the_tree_that_the_stop_missed(state):

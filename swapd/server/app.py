@@ -10,11 +10,11 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from swapd.backend import Backend, StartError, State
-from swapd.config import Config, ModelConfig
+from swapd.backend import StartError, State
+from swapd.config import Config
 from swapd.logging import get_logger
 from swapd.redact import redact_argv
-from swapd.scheduler import Scheduler, SchedulerError
+from swapd.scheduler import SchedulerError
 from swapd.server import gpu_api
 from swapd.server.auth import access_middleware
 from swapd.server.errors import ClientError, error_response
@@ -28,8 +28,8 @@ from swapd.server.routing import (
     handle_upstream,
 )
 from swapd.server.relay import UpstreamError
+from swapd.server.runtime import Runtime
 from swapd.server.slowclient import HeaderDeadline
-from swapd.server.upstream import UpstreamPool
 
 log = get_logger("swapd.server")
 
@@ -60,64 +60,6 @@ JSON_MODEL_ROUTES = (
 QUERY_MODEL_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras", "/props")
 # POST endpoints whose multipart form names the model.
 MULTIPART_MODEL_ROUTES = ("/v1/audio/transcriptions", "/v1/images/edits")
-
-
-class Runtime:
-    """Everything the handlers share, in one place a reload can swap safely.
-
-    The aiohttp app's own mapping is frozen once it starts, so state that a
-    config reload replaces lives here instead.
-    """
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.logs = observe.ObservedLogRing()
-        self.events = observe.EventHub(lambda: observe.model_status(self))
-        self.upstream_echo = observe.UpstreamEcho()  # logToStdout: upstream|both
-        self.logs.listeners += [self.events.on_log_line, self.upstream_echo]
-        self.session: aiohttp.ClientSession | None = None  # https backends and peers, https health checks
-        self.pool = UpstreamPool()  # plain-http backends and peers: the hot path
-        self.backends: dict[str, Backend] = {}
-        self.scheduler: Scheduler | None = None
-        self.gpu = None  # swapd.gpu's verifier, set by gpu_api.install when the app starts
-
-    def new_backend(self, mc: ModelConfig) -> Backend:
-        return Backend(
-            mc,
-            logs=self.logs,
-            session=self.session,
-            on_exit=self.scheduler.on_backend_exit,
-            on_state=self.events.on_backend_state,
-        )
-
-    async def reload(self, new: Config) -> dict[str, list[str]]:
-        """Apply a new config; only changed or removed models are stopped.
-
-        Models whose effective config is identical keep running and keep their
-        in-flight requests.
-        """
-        old = self.config
-        removed = [m for m in old.models if m not in new.models]
-        changed = [m for m in old.models if m in new.models and old.models[m].fingerprint != new.models[m].fingerprint]
-        added = [m for m in new.models if m not in old.models]
-        for model_id in changed:
-            # Takes effect at the next start, so the running process is still
-            # stopped the way its own config says.
-            self.backends[model_id].next_model = new.models[model_id]
-        for model_id in new.models:
-            if model_id in added:
-                self.backends[model_id] = self.new_backend(new.models[model_id])
-            elif model_id not in changed:
-                self.backends[model_id].model = new.models[model_id]
-        self.config = new
-        self.scheduler.config = new
-        if removed or changed:
-            await self.scheduler.unload(removed + changed, reason="reload")
-        for model_id in removed:
-            await self.backends.pop(model_id).close()
-        return {"added": added, "changed": changed, "removed": removed}
-
-
 
 
 @web.middleware
@@ -342,15 +284,13 @@ def create_app(config: Config) -> web.Application:
 
     async def lifecycle(app: web.Application):
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
-        rt.session = aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
-        rt.scheduler = Scheduler(config, rt.backends)
-        for mc in config.models.values():
-            rt.backends[mc.id] = rt.new_backend(mc)
+        rt.start(session)
         preload = asyncio.get_running_loop().create_task(_preload(rt)) if config.preload else None
         yield
         if preload is not None:

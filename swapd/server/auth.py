@@ -84,7 +84,7 @@ async def access_middleware(request: web.Request, handler):
         return _preflight(request)
     rt = request.app[RUNTIME]
     if request.path not in EXEMPT_PATHS:
-        refusal = host_refusal(request, rt.config, getattr(rt, "listen_host", None))
+        refusal = host_refusal(request, rt.config, rt.listen_host)
         code = "host_not_allowed"
         if refusal is None:
             refusal, code = cross_site_refusal(request), "cross_site_request"

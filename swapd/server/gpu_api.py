@@ -21,7 +21,7 @@ def install(app: web.Application) -> None:
 
     async def gpu_lifecycle(app: web.Application):
         rt = _runtime(app)
-        verifier = VramVerifier(lambda: rt.config, lambda: rt.backends)
+        verifier = VramVerifier(rt)
         # Hooks first, so a start racing with NVML's initialisation (preload) is
         # still gated: the hooks wait for open() to finish.
         verifier.attach(rt.scheduler)

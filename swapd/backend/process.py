@@ -2,250 +2,46 @@
 
 A ``Backend`` owns its process and its state. The scheduler decides *when* a
 backend starts or stops; the backend decides *how*, and it is the only code
-that changes its own state.
+that changes its own state (along swapd.backend.state.TRANSITIONS).
+
+Over 500 lines on purpose: one class whose start, crash watch and stop share
+the process, the tracked tree and the stop lock; splitting it would spread
+one state machine over several files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import enum
 import os
 import shlex
 import signal
 import socket
 import time
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiohttp
 import psutil
-import yarl
 
 from swapd import osutil
+from swapd.backend.children import CHILDREN
+from swapd.backend.probe import _RawProbeTarget
+from swapd.backend.state import State, StartError, StopReport, check_transition
 from swapd.config import ModelConfig
-from swapd.guardian import Guardian
 from swapd.logging import get_logger
 from swapd.logring import LogRing
+from swapd.proctree import alive, descendants, pid_key
 from swapd.redact import redact_argv
 
 log = get_logger("swapd.backend")
 
 TAIL_LINES = 20
+START_FAILED_TAIL = 10  # output lines a backend.start_failed log event carries
 _READ_CHUNK = 64 * 1024
 _MAX_LINE = 8 * 1024
 # Tree snapshots while a backend runs; cheap (one /proc walk) and rare.
 _TRACK_INTERVAL = 5.0
-
-
-class State(str, enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-
-
-class StartError(Exception):
-    """The backend could not be made ready. The message is meant for a person."""
-
-    def __init__(self, model_id: str, message: str, *, exit_code: int | None = None, tail: list[str] | None = None):
-        self.model_id = model_id
-        self.exit_code = exit_code
-        self.tail = tail or []
-        super().__init__(message)
-
-    def detail(self) -> str:
-        text = str(self)
-        if self.tail:
-            text += "\nlast output:\n" + "\n".join(self.tail)
-        return text
-
-
-@dataclass
-class StopReport:
-    model_id: str
-    reason: str
-    root_pid: int | None
-    pids: list[int]
-    forced: list[int] = field(default_factory=list)  # pids that needed SIGKILL
-    survivors: list[int] = field(default_factory=list)  # pids still alive at the end
-    seconds: float = 0.0
-    exit_code: int | None = None
-
-
-class ChildRegistry:
-    """What swapd knows about its own children, for reaping orphans safely.
-
-    swapd is a child subreaper, so orphaned grandchildren of a backend become
-    swapd's children and must be reaped by us. Processes that asyncio spawned
-    are reaped by asyncio's child watcher; reaping one of those here would lose
-    its exit code, so they are excluded, and nothing is reaped while a spawn is
-    between fork and registration.
-    """
-
-    def __init__(self) -> None:
-        self.managed: set[int] = set()
-        self.spawning = 0
-        self.guardian: Guardian | None = None
-        self.backends: weakref.WeakSet[Backend] = weakref.WeakSet()
-
-    def claim_orphans(self, stopping: Backend) -> None:
-        """Give ``stopping`` the orphans re-parented to swapd that only it could own.
-
-        An orphan belongs to a backend if it was created while that backend
-        ran; when another live backend could also have created it, it is left
-        alone rather than killed on a guess.
-        """
-        if stopping.started_at is None:
-            return
-        others = [b for b in self.backends if b is not stopping and b.state is not State.STOPPED]
-        try:
-            children = psutil.Process().children()
-        except psutil.Error:  # pragma: no cover
-            return
-        for child in children:
-            if child.pid in self.managed:
-                continue
-            try:
-                ctime = child.create_time()
-            except psutil.Error:
-                continue
-            if ctime < stopping.started_at - 1:
-                continue
-            if any(b.started_at is not None and ctime >= b.started_at - 1 for b in others):
-                continue
-            stopping.claim(child.pid, ctime)
-
-    def ensure_guardian(self) -> Guardian | None:
-        """Start the watchdog that kills our backends if swapd is SIGKILLed (once)."""
-        if self.guardian is None:
-            guardian = Guardian()
-            if guardian.start():
-                self.guardian = guardian
-                self.managed.add(guardian.pid)
-            else:
-                log.warning("guardian.unavailable", detail="backends' descendants may outlive a SIGKILL of swapd")
-        return self.guardian
-
-    def close_guardian(self) -> None:
-        if self.guardian is not None:
-            pid = self.guardian.pid
-            self.guardian.close()
-            self.managed.discard(pid)
-            self.guardian = None
-
-    def track(self, pid: int, group: bool = False) -> None:
-        if self.guardian is not None:
-            if group:
-                self.guardian.track_group(pid)
-            self.guardian.track_pid(pid)
-
-    def forget(self, pid: int) -> None:
-        if self.guardian is not None:
-            self.guardian.forget(pid)
-
-    def reap_orphans(self) -> list[int]:
-        if self.spawning:
-            return []
-        reaped = []
-        try:
-            children = psutil.Process().children()
-        except psutil.Error:  # pragma: no cover
-            return []
-        for child in children:
-            if child.pid in self.managed:
-                continue
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE:
-                    continue
-            except psutil.Error:
-                continue
-            if osutil.reap_zombie(child.pid) is not None:
-                reaped.append(child.pid)
-        return reaped
-
-
-CHILDREN = ChildRegistry()
-
-
-def _pid_key(proc: psutil.Process) -> tuple[int, float] | None:
-    try:
-        return proc.pid, proc.create_time()
-    except psutil.Error:
-        return None
-
-
-def _alive(pid: int, ctime: float) -> bool:
-    """True while ``pid`` is still the process we tracked and not a zombie."""
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - ctime) > 0.01:
-            return False  # pid was reused by an unrelated process
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-class _RawProbeTarget:
-    """A plain-http health URL, probed with one non-blocking socket (see ``Backend._probe``)."""
-
-    __slots__ = ("host", "port", "request", "addrs")
-
-    def __init__(self, host: str, port: int, request: bytes) -> None:
-        self.host = host
-        self.port = port
-        self.request = request
-        self.addrs: list[tuple[int, tuple]] | None = None
-
-    @classmethod
-    def parse(cls, url: str) -> _RawProbeTarget | None:
-        try:
-            parts = yarl.URL(url)
-            if parts.scheme != "http" or not parts.raw_host or parts.raw_user or parts.raw_password:
-                return None
-            port = parts.port or 80
-            host_header = parts.raw_host if ":" not in parts.raw_host else f"[{parts.raw_host}]"
-            if not parts.is_default_port():
-                host_header += f":{port}"
-            request = (f"GET {parts.raw_path_qs or '/'} HTTP/1.1\r\nHost: {host_header}\r\n"
-                       "Accept: */*\r\nConnection: close\r\n\r\n").encode("ascii")
-        except (ValueError, UnicodeError):
-            return None
-        return cls(parts.raw_host, port, request)
-
-    async def probe(self) -> bool | None:
-        """True on 200, False when not ready, None when aiohttp should decide (a redirect)."""
-        loop = asyncio.get_running_loop()
-        if self.addrs is None:
-            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-            self.addrs = [(family, address) for family, _, _, _, address in infos]
-        for family, address in self.addrs:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, address)
-                except OSError:
-                    continue  # refused: not listening yet (or try the next address)
-                await loop.sock_sendall(sock, self.request)
-                head = b""
-                while b"\r\n" not in head and len(head) < 4096:
-                    chunk = await loop.sock_recv(sock, 4096)
-                    if not chunk:
-                        break
-                    head += chunk
-            finally:
-                sock.close()
-            fields = head.split(b" ", 2)
-            if len(fields) < 2 or not fields[0].startswith(b"HTTP/"):
-                return False
-            if fields[1] == b"200":
-                return True
-            return None if fields[1][:1] == b"3" else False
-        return False
-
 
 class Backend:
     """The process behind one configured model."""
@@ -262,7 +58,7 @@ class Backend:
         CHILDREN.backends.add(self)
         self.model = model
         self.next_model: ModelConfig | None = None  # set by a reload; used from the next start
-        self.state = State.STOPPED
+        self._state = State.STOPPED
         self._logs = logs
         self._session = session
         self._on_exit = on_exit
@@ -282,6 +78,11 @@ class Backend:
 
     # -- introspection -------------------------------------------------
     @property
+    def state(self) -> State:
+        """Read-only: only the backend itself moves it, through TRANSITIONS."""
+        return self._state
+
+    @property
     def id(self) -> str:
         return self.model.id
 
@@ -296,11 +97,22 @@ class Backend:
         return list(self._recent)
 
     def _set_state(self, new: State) -> None:
-        old, self.state = self.state, new
-        if old is not new:
-            log.debug("backend.state", model=self.id, old=old.value, new=new.value)
-            if self._on_state is not None:
-                self._on_state(self, old, new)
+        old = self._state
+        check_transition(self.id, old, new)
+        self._state = new
+        log.debug("backend.state", model=self.id, old=old.value, new=new.value)
+        if self._on_state is not None:
+            self._on_state(self, old, new)
+
+    # -- configuration (a reload) ----------------------------------------
+    def reconfigure(self, model: ModelConfig, *, restart: bool) -> None:
+        """Take a reloaded config: at once when ``restart`` is False (nothing that
+        affects the process changed), else from the next start, so the running
+        process is still stopped the way its own config says."""
+        if restart:
+            self.next_model = model
+        else:
+            self.model = model
 
     def _spawn_task(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -323,6 +135,7 @@ class Backend:
             self.model, self.next_model = self.next_model, None
         self._set_state(State.STARTING)
         self._exited = asyncio.Event()
+        self._proc = None  # the last run's process is gone; pid is None until this one spawns
         self._tracked = {}
         self._recent.clear()
         self._stopping_by_us = False
@@ -334,6 +147,17 @@ class Backend:
         except BaseException as exc:
             if isinstance(exc, StartError):
                 self.last_error = exc.detail()
+                log.error(
+                    "backend.start_failed",
+                    model=self.id,
+                    pid=self.pid,
+                    cause=str(exc),
+                    exit_code=exc.exit_code,
+                    tail=exc.tail[-START_FAILED_TAIL:],
+                    seconds=round(time.monotonic() - t0, 3),
+                )
+            elif isinstance(exc, Exception):  # a bug, but the log must still say the start failed
+                log.exception("backend.start_failed", model=self.id, pid=self.pid, cause=repr(exc))
             await self._teardown("start failed")
             raise
         self.ready_at = time.time()
@@ -380,6 +204,8 @@ class Backend:
         CHILDREN.spawning += 1
         try:
             argv, preexec = osutil.pdeathsig_command(model.cmd, env)
+            if osutil.running_on_uvloop():  # only stdio may reach the backend
+                preexec = osutil.stdio_only_preexec(preexec)
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -397,7 +223,7 @@ class Backend:
         CHILDREN.managed.add(proc.pid)
         CHILDREN.track(proc.pid, group=True)
         self.started_at = time.time()
-        key = _pid_key(psutil.Process(proc.pid)) if psutil.pid_exists(proc.pid) else None
+        key = pid_key(psutil.Process(proc.pid)) if psutil.pid_exists(proc.pid) else None
         if key:
             self._tracked[key[0]] = key[1]
         log.info("backend.start", model=self.id, pid=proc.pid, cmd=shlex.join(redact_argv(model.cmd)))
@@ -561,19 +387,14 @@ class Backend:
         """Add the root's current descendants (and process-group members) to the tracked set."""
         if self._proc is None:
             return
-        try:
-            root = psutil.Process(self._proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            procs = []
-        for proc in procs:
-            key = _pid_key(proc)
+        for proc in descendants(self._proc.pid):
+            key = pid_key(proc)
             if key is not None and key[0] not in self._tracked:
                 self._tracked[key[0]] = key[1]
                 CHILDREN.track(key[0])
 
     def _live_tracked(self) -> dict[int, float]:
-        return {pid: ctime for pid, ctime in self._tracked.items() if _alive(pid, ctime)}
+        return {pid: ctime for pid, ctime in self._tracked.items() if alive(pid, ctime)}
 
     def claim(self, pid: int, ctime: float) -> None:
         """Attribute an orphan (found by the registry) to this backend."""
@@ -622,15 +443,25 @@ class Backend:
         return report
 
     async def _teardown(self, reason: str) -> None:
-        """Stop after a failed or cancelled start; never raises."""
+        """Stop after a failed or cancelled start; never raises.
+
+        A ``stop()`` that ran meanwhile may have finished the job already (the
+        backend is STOPPED then) or be finishing it: the stop lock orders the two.
+        """
         self._stopping_by_us = True
-        try:
-            if self._proc is not None:
-                self._snapshot_tree()
-                await asyncio.shield(self._terminate(reason, grace_override=0.0))
-        except Exception:  # pragma: no cover - cleanup must not mask the start error
-            log.exception("backend.teardown_failed", model=self.id)
-        self._finish_stop()
+        await asyncio.shield(self._teardown_locked(reason))
+
+    async def _teardown_locked(self, reason: str) -> None:
+        async with self._stop_lock:
+            if self._state is State.STOPPED:
+                return
+            try:
+                if self._proc is not None:
+                    self._snapshot_tree()
+                    await self._terminate(reason, grace_override=0.0)
+            except Exception:  # pragma: no cover - cleanup must not mask the start error
+                log.exception("backend.teardown_failed", model=self.id)
+            self._finish_stop()
 
     def _finish_stop(self) -> None:
         self._proc_cleanup()
@@ -668,10 +499,10 @@ class Backend:
         assert proc is not None
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            if self._exited.is_set() and not any(_alive(p, c) for p, c in targets):
+            if self._exited.is_set() and not any(alive(p, c) for p, c in targets):
                 return [], []
             await asyncio.sleep(0.02)
-        remaining = [(p, c) for p, c in targets if _alive(p, c)]
+        remaining = [(p, c) for p, c in targets if alive(p, c)]
         forced = [p for p, _ in remaining]
         if not self._exited.is_set() and proc.pid not in forced:
             forced.insert(0, proc.pid)
@@ -686,10 +517,10 @@ class Backend:
             for pid, _ in remaining:
                 if pid not in CHILDREN.managed:
                     osutil.reap_zombie(pid)
-            if self._exited.is_set() and not any(_alive(p, c) for p, c in remaining):
+            if self._exited.is_set() and not any(alive(p, c) for p, c in remaining):
                 return forced, []
             await asyncio.sleep(0.02)
-        survivors = [p for p, c in remaining if _alive(p, c)]
+        survivors = [p for p, c in remaining if alive(p, c)]
         return forced, survivors
 
     async def _run_cmd_stop(self, pid: int, timeout: float) -> None:
@@ -704,6 +535,7 @@ class Backend:
                 stderr=asyncio.subprocess.DEVNULL,
                 env={**os.environ, **dict(self.model.env)},
                 start_new_session=True,
+                preexec_fn=osutil.stdio_only_preexec() if osutil.running_on_uvloop() else None,
             )
         except OSError as exc:
             log.error("backend.cmd_stop_failed", model=self.id, error=str(exc))

@@ -1,0 +1,110 @@
+"""The runtime: the one owner of the config and the ``backends`` table.
+
+The scheduler and the GPU verifier read both through the
+:class:`swapd.scheduler.RuntimeView` protocol and never keep their own copy;
+only :meth:`Runtime.reload` (which cli.py's SIGHUP and file-watch paths call)
+replaces the config or adds and removes backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from swapd.backend import Backend
+from swapd.config import Config, ModelConfig
+from swapd.logging import get_logger
+from swapd.scheduler import Scheduler
+from swapd.server import observe
+from swapd.server.upstream import UpstreamPool
+
+config_log = get_logger("swapd.config")
+
+
+class Runtime:
+    """Everything the handlers share, in one place a reload can swap safely.
+
+    The aiohttp app's own mapping is frozen once it starts, so state that a
+    config reload replaces lives here instead.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self.logs = observe.ObservedLogRing()
+        self.events = observe.EventHub(lambda: observe.model_status(self))
+        self.upstream_echo = observe.UpstreamEcho()  # logToStdout: upstream|both
+        self.logs.listeners += [self.events.on_log_line, self.upstream_echo]
+        self.log_sink: Any = None  # swapd.logging's sink, set by cli.py; log settings are re-applied on reload
+        self.listen_host: str | None = None  # the name given to --listen: an allowed Host (webguard), set by cli.py
+        self.session: aiohttp.ClientSession | None = None  # https backends and peers, https health checks
+        self.pool = UpstreamPool()  # plain-http backends and peers: the hot path
+        self._backends: dict[str, Backend] = {}
+        self.scheduler: Scheduler | None = None
+        self.gpu = None  # swapd.gpu's verifier, set by gpu_api.install when the app starts
+        self._reload_lock = asyncio.Lock()
+
+    # -- what others read (swapd.scheduler.RuntimeView) -------------------------
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def backends(self) -> Mapping[str, Backend]:
+        """The backends by model id; read-only for everyone but this class."""
+        return self._backends
+
+    # -- lifecycle -----------------------------------------------------------------
+    def new_backend(self, mc: ModelConfig) -> Backend:
+        return Backend(
+            mc,
+            logs=self.logs,
+            session=self.session,
+            on_exit=self.scheduler.on_backend_exit,
+            on_state=self.events.on_backend_state,
+        )
+
+    def start(self, session: aiohttp.ClientSession) -> Scheduler:
+        """Create the scheduler and one backend per configured model (app start-up)."""
+        self.session = session
+        self.scheduler = Scheduler(self)
+        for mc in self._config.models.values():
+            self._backends[mc.id] = self.new_backend(mc)
+        return self.scheduler
+
+    async def reload(self, new: Config, why: str = "reload") -> dict[str, list[str]]:
+        """Apply a new, already loaded config: the one place a reload happens.
+
+        Only changed or removed models are stopped; models whose effective
+        config is identical keep running and keep their in-flight requests.
+        Log settings are re-applied and event-stream clients told. One reload
+        runs at a time.
+        """
+        async with self._reload_lock:
+            for warning in new.warnings:
+                config_log.warning("config.warning", file=new.path, message=warning)
+            changes = await self._apply_models(new)
+            for warning in observe.apply_log_settings(new, self.log_sink, self.upstream_echo):
+                config_log.warning("config.warning", file=new.path, message=warning)
+            self.events.models_changed()
+            config_log.info("config.reloaded", reason=why, **changes)
+            return changes
+
+    async def _apply_models(self, new: Config) -> dict[str, list[str]]:
+        old = self._config
+        removed = [m for m in old.models if m not in new.models]
+        changed = [m for m in old.models if m in new.models and old.models[m].fingerprint != new.models[m].fingerprint]
+        added = [m for m in new.models if m not in old.models]
+        for model_id in new.models:
+            if model_id in added:
+                self._backends[model_id] = self.new_backend(new.models[model_id])
+            else:
+                self._backends[model_id].reconfigure(new.models[model_id], restart=model_id in changed)
+        self._config = new
+        if removed or changed:
+            await self.scheduler.unload(removed + changed, reason="reload")
+        for model_id in removed:
+            await self._backends.pop(model_id).close()
+        return {"added": added, "changed": changed, "removed": removed}
