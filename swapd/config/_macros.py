@@ -11,11 +11,18 @@ Semantics follow llama-swap:
   ``MODEL_ID`` (always first) is available to every macro.
 * A string that is exactly ``${name}`` takes the macro's typed value
   (int/float/bool); otherwise the value is interpolated as text.
+
+swapd adds ``${swapd.python}``, swapd's own interpreter (``sys.executable``),
+so a config can run ``${swapd.python} -m swapd.fake_backend`` whatever python
+is on PATH.  It is replaced with the env macros; the dot keeps it apart from
+user macros, whose names cannot contain one.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
+import sys
 from typing import Any, Iterator, Mapping
 
 from ._format import go_str
@@ -25,6 +32,7 @@ MACRO_USE_RE = re.compile(r"\$\{([a-zA-Z0-9_-]+)\}")
 MACRO_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 MAX_MACRO_NAME_LEN = 63
 RESERVED_MACROS = ("PID", "PORT", "MODEL_ID")
+SWAPD_PYTHON_MACRO = "${swapd.python}"
 
 MacroList = list[tuple[str, Any]]
 
@@ -35,13 +43,14 @@ _BAD_ENV_CHARS = ("\n", "\r", "\x00")
 
 
 def substitute_env_text(text: str, environ: Mapping[str, str]) -> tuple[str, set[str]]:
-    """Replace ``${env.NAME}`` for every variable that is set and usable.
+    """Replace ``${swapd.python}``, and ``${env.NAME}`` for every variable that is set and usable.
 
     Returns the new text and the names whose values were refused.  Unset
     variables are left in place; the caller reports them if they survive in
     the parsed document (i.e. they were not inside a comment).
     """
     refused: set[str] = set()
+    text = text.replace(SWAPD_PYTHON_MACRO, shlex.quote(sys.executable))
     for name in dict.fromkeys(ENV_MACRO_RE.findall(text)):
         if name not in environ:
             continue
