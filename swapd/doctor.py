@@ -184,12 +184,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         nvml = Nvml.open_sync()
     except NvmlUnavailable as exc:
-        print(
-            f"swapd doctor: NVML is not available: {exc}.\n"
+        advice = (
             "Nothing can be checked without it: install the NVIDIA driver, or in a container run with the "
-            "NVIDIA runtime so that libnvidia-ml.so.1 is visible.",
-            file=sys.stderr,
+            "NVIDIA runtime so that libnvidia-ml.so.1 is visible."
         )
+        if args.json:  # still JSON, so a script reading stdout gets a report, not a parse error
+            message = f"NVML is not available: {exc}. {advice}"
+            report = {
+                "nvml_available": False,
+                "error": message,
+                "driver_version": None,
+                "devices": [],
+                "findings": [asdict(Finding(None, message, True))],
+                "attention": 1,
+            }
+            print(json.dumps(report, indent=2))
+        else:
+            print(f"swapd doctor: NVML is not available: {exc}.\n{advice}", file=sys.stderr)
         return EXIT_NO_NVML
     try:
         snapshot = nvml.read_sync(full=True)
@@ -200,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     findings = assess(snapshot, swapd, visible)
     if args.json:
         report = {
+            "nvml_available": True,
+            "error": None,
             "driver_version": snapshot.driver,
             "devices": [
                 {**asdict(d), "throttle_reasons": throttle_names(d.throttle)} for d in snapshot.devices
