@@ -23,7 +23,8 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from ._format import go_str
 
@@ -59,7 +60,7 @@ def substitute_env_text(text: str, environ: Mapping[str, str]) -> tuple[str, set
             refused.add(name)
             continue
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        text = text.replace("${env.%s}" % name, escaped)
+        text = text.replace("${env." + name + "}", escaped)
     return text, refused
 
 
@@ -123,7 +124,7 @@ def macro_declaration_problem(name: str, value: Any) -> str | None:
     if not MACRO_NAME_RE.match(name):
         return f"macro name '{name}' may only contain letters, digits, '_' and '-'"
     if isinstance(value, str):
-        if "${%s}" % name in value:
+        if "${" + name + "}" in value:
             return f"macro '{name}' refers to itself (self-reference)"
     elif not isinstance(value, (bool, int, float)):
         kind = "null" if value is None else ("a list" if isinstance(value, list) else "a mapping")
@@ -163,11 +164,11 @@ def _substitute_one(value: Any, slug: str, macro_value: Any, macro_text: str) ->
 def substitute(value: Any, macros: MacroList) -> Any:
     """Apply macros to every string in ``value`` (mapping keys excluded)."""
     for name, macro_value in reversed(macros):
-        value = _substitute_one(value, "${%s}" % name, macro_value, go_str(macro_value))
+        value = _substitute_one(value, "${" + name + "}", macro_value, go_str(macro_value))
     return value
 
 
 def substitute_in_key(key: str, macros: MacroList) -> str:
     for name, macro_value in reversed(macros):
-        key = key.replace("${%s}" % name, go_str(macro_value))
+        key = key.replace("${" + name + "}", go_str(macro_value))
     return key
