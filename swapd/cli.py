@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="swapd",
         description="Model-swapping reverse proxy for local LLM servers (llama-swap compatible).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "subcommands:\n"
+            "  swapd setup [--help]    build llama-server, fetch a small real model, write a quickstart config\n"
+            "  swapd doctor [--help]   check the GPUs through NVML (persistence, power, throttling, memory)"
+        ),
     )
     p.add_argument(
         "--config",
@@ -163,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     log = slog.get_logger("swapd")
     for warning in (*config.warnings, *setting_warnings):
         log.warning("config.warning", file=config.path, message=warning)
+    if not config.models and not config.peers:
+        log.warning("config.no_models", file=config.path,
+                    message="the config defines no models (and no peers): every request for a model gets 404")
     try:
         args.loop_name, loop_factory = osutil.event_loop_factory(args.event_loop)
     except RuntimeError as exc:

@@ -108,16 +108,19 @@ def assess(snapshot: Snapshot, swapd: SwapdView | None = None, visible: bool | N
                 suggest = f"{int(dev.power_limit_w * 0.9)}" if dev.power_limit_w else "<watts>"
                 findings.append(Finding(i, advice.format(suggest=suggest), True))
         if dev.processes is None:
-            findings.append(Finding(i, "NVML does not list this GPU's processes here (not supported or no permission)", False))
+            findings.append(
+                Finding(i, "NVML does not list this GPU's processes here (not supported or no permission)", False)
+            )
             continue
         for proc in dev.processes:
             mib = "?" if proc.used_mib is None else f"{proc.used_mib:.0f}"
             name = _name(proc.pid) if visible is not False else None
             who = f"pid {proc.pid}" + (f" ({name})" if name else "")
-            if tell_apart:
+            if tell_apart and swapd is not None:
                 if proc.pid in swapd.pids:
                     owner = swapd.owners.get(proc.pid)
-                    findings.append(Finding(i, f"{who} holds {mib} MiB: swapd's" + (f", model {owner}" if owner else ""), False))
+                    whose = f"{who} holds {mib} MiB: swapd's" + (f", model {owner}" if owner else "")
+                    findings.append(Finding(i, whose, False))
                 else:
                     findings.append(Finding(i, f"{who} holds {mib} MiB and is not one of swapd's processes", True))
             else:
@@ -130,7 +133,9 @@ def render(snapshot: Snapshot, findings: list[Finding], swapd: SwapdView | None,
     if swapd is not None and not swapd.error:
         lines.append(f"swapd at {swapd.url}: {len(swapd.pids)} process(es) of its own")
     elif swapd is None:
-        lines.append("not checked against a running swapd (pass --url http://127.0.0.1:8080 to tell its processes apart)")
+        lines.append(
+            "not checked against a running swapd (pass --url http://127.0.0.1:8080 to tell its processes apart)"
+        )
     if visible is False:
         lines.append("NVML's pids are not visible here (another PID namespace): process names are unknown")
     for dev in snapshot.devices:
@@ -144,12 +149,14 @@ def render(snapshot: Snapshot, findings: list[Finding], swapd: SwapdView | None,
         if dev.power_w is None:
             power = "unknown"
         elif dev.power_limit_w:
-            power = f"{dev.power_w:.0f} W of {dev.power_limit_w:.0f} W limit ({100 * dev.power_w / dev.power_limit_w:.0f}%)"
+            share = 100 * dev.power_w / dev.power_limit_w
+            power = f"{dev.power_w:.0f} W of {dev.power_limit_w:.0f} W limit ({share:.0f}%)"
         else:
             power = f"{dev.power_w:.0f} W (limit unknown)"
         lines.append(f"  power:        {power}")
         reasons = throttle_names(dev.throttle)
-        lines.append(f"  throttle:     {', '.join(reasons) if reasons else 'none' if dev.throttle is not None else 'unknown'}")
+        throttle = ", ".join(reasons) if reasons else "none" if dev.throttle is not None else "unknown"
+        lines.append(f"  throttle:     {throttle}")
         mine = [f for f in findings if f.gpu == dev.index]
         procs = [f for f in mine if f.message.startswith("pid ")]
         lines.append(f"  processes:    {'none' if not procs and dev.processes is not None else ''}".rstrip())
@@ -174,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         "driver, and GPU memory held by processes that are not swapd's.",
     )
     p.add_argument("--url", help="a running swapd (e.g. http://127.0.0.1:8080) to ask which processes are its own")
-    p.add_argument("--api-key", default=os.environ.get("SWAPD_API_KEY"), help="API key for --url (default $SWAPD_API_KEY)")
+    p.add_argument(
+        "--api-key", default=os.environ.get("SWAPD_API_KEY"), help="API key for --url (default $SWAPD_API_KEY)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
@@ -184,12 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         nvml = Nvml.open_sync()
     except NvmlUnavailable as exc:
-        print(
-            f"swapd doctor: NVML is not available: {exc}.\n"
+        advice = (
             "Nothing can be checked without it: install the NVIDIA driver, or in a container run with the "
-            "NVIDIA runtime so that libnvidia-ml.so.1 is visible.",
-            file=sys.stderr,
+            "NVIDIA runtime so that libnvidia-ml.so.1 is visible."
         )
+        if args.json:  # still JSON, so a script reading stdout gets a report, not a parse error
+            message = f"NVML is not available: {exc}. {advice}"
+            report = {
+                "nvml_available": False,
+                "error": message,
+                "driver_version": None,
+                "devices": [],
+                "findings": [asdict(Finding(None, message, True))],
+                "attention": 1,
+            }
+            print(json.dumps(report, indent=2))
+        else:
+            print(f"swapd doctor: NVML is not available: {exc}.\n{advice}", file=sys.stderr)
         return EXIT_NO_NVML
     try:
         snapshot = nvml.read_sync(full=True)
@@ -200,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     findings = assess(snapshot, swapd, visible)
     if args.json:
         report = {
+            "nvml_available": True,
+            "error": None,
             "driver_version": snapshot.driver,
             "devices": [
                 {**asdict(d), "throttle_reasons": throttle_names(d.throttle)} for d in snapshot.devices

@@ -37,7 +37,7 @@ import time
 import uuid
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 # Large enough for a 200 MB (and more) request body.
 CLIENT_MAX_SIZE = 1024 * 1024 * 1024
@@ -317,14 +317,16 @@ class FakeBackend:
         files: dict[str, Any] = {}
         reader = await request.multipart()
         async for part in reader:
+            if not isinstance(part, BodyPartReader):  # a nested multipart: not something clients send
+                continue
             if part.filename is None:
-                fields[part.name] = (await part.read()).decode("utf-8", "replace")
+                fields[part.name or ""] = (await part.read()).decode("utf-8", "replace")
                 continue
             digest, size = hashlib.sha256(), 0
             while chunk := await part.read_chunk(1 << 20):
                 digest.update(chunk)
                 size += len(chunk)
-            files[part.name] = {"filename": part.filename, "bytes": size, "sha256": digest.hexdigest()}
+            files[part.name or ""] = {"filename": part.filename, "bytes": size, "sha256": digest.hexdigest()}
         return _json({"text": "ok", "model": fields.get("model"), "fields": fields, "files": files,
                       "content_length": request.content_length})
 
@@ -410,7 +412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exit-after", type=float, default=None, help="exit with code 4 after SECONDS")
     p.add_argument("--vram-mib", type=int, default=0, help="VRAM (MiB) reported via $SWAPD_STUB_NVML_STATE")
     p.add_argument("--quiet", action="store_true", help="don't log each request")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes, like llama-server")
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes, like llama-server"
+    )
     return p.parse_args(argv)
 
 

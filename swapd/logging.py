@@ -384,7 +384,7 @@ class ProxyLog:
         fmt = self._format
         if fmt is _DEFAULT:
             return self._iso(logger, method, event_dict)
-        if fmt is not None:
+        if callable(fmt):  # a Go layout; None means no timestamp
             event_dict["timestamp"] = fmt(time.time_ns())
         return event_dict
 

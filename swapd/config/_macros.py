@@ -11,12 +11,20 @@ Semantics follow llama-swap:
   ``MODEL_ID`` (always first) is available to every macro.
 * A string that is exactly ``${name}`` takes the macro's typed value
   (int/float/bool); otherwise the value is interpolated as text.
+
+swapd adds ``${swapd.python}``, swapd's own interpreter (``sys.executable``),
+so a config can run ``${swapd.python} -m swapd.fake_backend`` whatever python
+is on PATH.  It is replaced with the env macros; the dot keeps it apart from
+user macros, whose names cannot contain one.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator, Mapping
+import shlex
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from ._format import go_str
 
@@ -25,6 +33,7 @@ MACRO_USE_RE = re.compile(r"\$\{([a-zA-Z0-9_-]+)\}")
 MACRO_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 MAX_MACRO_NAME_LEN = 63
 RESERVED_MACROS = ("PID", "PORT", "MODEL_ID")
+SWAPD_PYTHON_MACRO = "${swapd.python}"
 
 MacroList = list[tuple[str, Any]]
 
@@ -35,13 +44,14 @@ _BAD_ENV_CHARS = ("\n", "\r", "\x00")
 
 
 def substitute_env_text(text: str, environ: Mapping[str, str]) -> tuple[str, set[str]]:
-    """Replace ``${env.NAME}`` for every variable that is set and usable.
+    """Replace ``${swapd.python}``, and ``${env.NAME}`` for every variable that is set and usable.
 
     Returns the new text and the names whose values were refused.  Unset
     variables are left in place; the caller reports them if they survive in
     the parsed document (i.e. they were not inside a comment).
     """
     refused: set[str] = set()
+    text = text.replace(SWAPD_PYTHON_MACRO, shlex.quote(sys.executable))
     for name in dict.fromkeys(ENV_MACRO_RE.findall(text)):
         if name not in environ:
             continue
@@ -50,7 +60,7 @@ def substitute_env_text(text: str, environ: Mapping[str, str]) -> tuple[str, set
             refused.add(name)
             continue
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        text = text.replace("${env.%s}" % name, escaped)
+        text = text.replace("${env." + name + "}", escaped)
     return text, refused
 
 
@@ -114,7 +124,7 @@ def macro_declaration_problem(name: str, value: Any) -> str | None:
     if not MACRO_NAME_RE.match(name):
         return f"macro name '{name}' may only contain letters, digits, '_' and '-'"
     if isinstance(value, str):
-        if "${%s}" % name in value:
+        if "${" + name + "}" in value:
             return f"macro '{name}' refers to itself (self-reference)"
     elif not isinstance(value, (bool, int, float)):
         kind = "null" if value is None else ("a list" if isinstance(value, list) else "a mapping")
@@ -154,11 +164,11 @@ def _substitute_one(value: Any, slug: str, macro_value: Any, macro_text: str) ->
 def substitute(value: Any, macros: MacroList) -> Any:
     """Apply macros to every string in ``value`` (mapping keys excluded)."""
     for name, macro_value in reversed(macros):
-        value = _substitute_one(value, "${%s}" % name, macro_value, go_str(macro_value))
+        value = _substitute_one(value, "${" + name + "}", macro_value, go_str(macro_value))
     return value
 
 
 def substitute_in_key(key: str, macros: MacroList) -> str:
     for name, macro_value in reversed(macros):
-        key = key.replace("${%s}" % name, go_str(macro_value))
+        key = key.replace("${" + name + "}", go_str(macro_value))
     return key

@@ -21,7 +21,8 @@ from __future__ import annotations
 import copy
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ._errors import ConfigError
 from ._load import _build, _Context, _describe, _parse_document
@@ -76,7 +77,9 @@ def config_sources(config_path: str | None, config_dir: str | None) -> list[str]
                     )
         sources += files
         if not sources:
-            raise ConfigError(config_dir, None, None, "no configuration sources found: no *.yml or *.yaml files in the directory")
+            raise ConfigError(
+                config_dir, None, None, "no configuration sources found: no *.yml or *.yaml files in the directory"
+            )
     return sources
 
 
@@ -91,6 +94,7 @@ def load_config_sources(
     if not config_dir:
         if not config_path:
             config_sources(config_path, config_dir)  # raises the "at least one" error
+        assert config_path is not None
         return load_config(config_path, environ)
     sources = config_sources(config_path, config_dir)
     env = os.environ if environ is None else environ

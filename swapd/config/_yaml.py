@@ -81,7 +81,7 @@ _GoLikeLoader.add_implicit_resolver(
 )
 
 
-def _construct_bool(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+def _construct_bool(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
     text = loader.construct_scalar(node)
     low = text.strip().lower()
     if low == "true":
@@ -118,11 +118,11 @@ def _parse_go_int(text: str) -> Any:
             return text
 
 
-def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
     return _parse_go_int(loader.construct_scalar(node))
 
 
-def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
     text = loader.construct_scalar(node)
     s = text.replace("_", "")
     low = s.lower()

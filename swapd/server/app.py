@@ -13,7 +13,7 @@ from aiohttp import web
 from swapd.backend import StartError, State
 from swapd.config import Config
 from swapd.logging import get_logger
-from swapd.redact import redact_argv
+from swapd.redact import redact_argv, redact_url
 from swapd.scheduler import SchedulerError
 from swapd.server import gpu_api
 from swapd.server.auth import access_middleware
@@ -193,7 +193,7 @@ async def handle_running(request: web.Request) -> web.Response:
                 "model": model_id,
                 "state": backend.state.value,
                 "cmd": shlex.join(redact_argv(mc.cmd)),
-                "proxy": mc.proxy,
+                "proxy": redact_url(mc.proxy),
                 "ttl": mc.ttl,
                 "name": mc.name,
                 "description": mc.description,
