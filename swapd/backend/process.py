@@ -32,7 +32,7 @@ from swapd.config import ModelConfig
 from swapd.logging import get_logger
 from swapd.logring import LogRing
 from swapd.proctree import alive, descendants, pid_key
-from swapd.redact import redact_argv
+from swapd.redact import redact_argv, redact_url
 
 log = get_logger("swapd.backend")
 
@@ -347,7 +347,7 @@ class Backend:
                 if now >= deadline:
                     raise StartError(
                         self.id,
-                        f"model {self.id}: health check {url} did not answer 200 within "
+                        f"model {self.id}: health check {redact_url(url)} did not answer 200 within "
                         f"{model.health_check_timeout:g}s (healthCheckTimeout)",
                         tail=self.tail()[-TAIL_LINES:],
                     )

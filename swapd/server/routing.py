@@ -261,6 +261,9 @@ async def _relay_logged(request: web.Request, url: str, body, label: str, t0: fl
 # few kB); a larger one is scanned as it arrives and parsed in a thread only
 # when a filter must rewrite it.
 INLINE_PARSE_LIMIT = 1024 * 1024
+# A body still arriving is scanned for its model once it passes this size: a
+# smaller one is soon whole, and is parsed then.
+SCAN_FROM = 64 * 1024
 
 
 def _parse_object(body: bytes | bytearray) -> dict:
@@ -335,7 +338,7 @@ async def _handle_held_body(request: web.Request) -> web.StreamResponse:
             if len(body) > reserved:  # chunked, or longer than declared
                 budget.reserve(len(body) - reserved, cap)
                 reserved = len(body)
-            if not scanner.complete(("model", "stream")):
+            if len(body) > SCAN_FROM and not scanner.complete(("model", "stream")):
                 scanner.feed(body)
                 if target is None and "model" in scanner.found:
                     target = _lookup(rt.config, scanner.found["model"])

@@ -39,14 +39,19 @@ _IDLE, _ARMED, _IN_REQUEST = 0, 1, 2
 class HeaderDeadline(asyncio.Protocol):
     """Delegates to aiohttp's RequestHandler, adding the header deadline."""
 
-    __slots__ = ("_inner", "_timeout", "_transport", "_timer", "_state", "_loop")
+    __slots__ = ("_inner", "_timeout", "_transport", "_timer", "_state", "_deadline", "_loop")
 
     def __init__(self, inner: Any, timeout: float) -> None:
         self._inner = inner
         self._timeout = timeout
         self._transport: asyncio.BaseTransport | None = None
+        # At most one timer per connection, created once: arming a request's
+        # deadline only moves ``_deadline``; when the timer fires it checks
+        # whether that deadline is still pending, and waits on for a later
+        # one. No timer is made and cancelled per request.
         self._timer: asyncio.TimerHandle | None = None
         self._state = _IDLE
+        self._deadline = 0.0
         self._loop = asyncio.get_running_loop()
 
     @staticmethod
@@ -60,13 +65,12 @@ class HeaderDeadline(asyncio.Protocol):
     def _arm(self) -> None:
         self._state = _ARMED
         if self._timeout > 0:
-            self._timer = self._loop.call_later(self._timeout, self._expire)
+            self._deadline = self._loop.time() + self._timeout
+            if self._timer is None:
+                self._timer = self._loop.call_at(self._deadline, self._check)
 
     def request_started(self) -> None:
         """The request's headers are parsed: no deadline while it is handled."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._state = _IN_REQUEST
 
     def request_finished(self) -> None:
@@ -82,8 +86,13 @@ class HeaderDeadline(asyncio.Protocol):
             self._arm()  # the first byte of the next request
         self._inner.data_received(data)
 
-    def _expire(self) -> None:
+    def _check(self) -> None:
         self._timer = None
+        if self._state != _ARMED:
+            return  # handled in time; the next request's first byte arms it again
+        if self._loop.time() < self._deadline:  # armed again since this timer was set
+            self._timer = self._loop.call_at(self._deadline, self._check)
+            return
         if self._transport is not None:
             self._transport.close()
 

@@ -27,6 +27,7 @@ LAN in two ways, and neither needs a key when ``apiKeys`` is not set:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from aiohttp import web
@@ -57,6 +58,7 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=512)  # every request asks, with a handful of distinct hosts
 def host_allowed(host: str, allowed: tuple[str, ...], listen_host: str | None = None) -> bool:
     """Whether a keyless swapd answers a request for ``host`` (already split)."""
     if "*" in allowed or not host or "." not in host or _is_ip(host) or host.endswith(_LOCAL_SUFFIXES):
