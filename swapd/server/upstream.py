@@ -153,9 +153,9 @@ class _Exchange:
         "spoilt",
     )
 
-    def __init__(self, conn: _Connection, no_body: bool) -> None:
+    def __init__(self, conn: _Connection, no_body: bool, parser: ResponseParser | None) -> None:
         self.conn = conn
-        self.parser = ResponseParser(self, no_body)
+        self.parser = parser.reset(self, no_body) if parser is not None else ResponseParser(self, no_body)
         self.head_waiter: asyncio.Future[None] = conn.loop.create_future()
         self.head: tuple[int, str, CIMultiDict[str]] | None = None
         self.keep_alive = False
@@ -328,6 +328,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.idle_since = 0.0
         self.exchange: _Exchange | None = None
+        self._last_parser: ResponseParser | None = None  # llhttp keeps its state across keep-alive responses
+        self._poller: select.poll | None = None
 
     # -- asyncio.BufferedProtocol -----------------------------------------------------
 
@@ -370,7 +372,9 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
     def begin(self, no_body: bool) -> _Exchange:
-        self.exchange = _Exchange(self, no_body)
+        last = self._last_parser
+        self.exchange = _Exchange(self, no_body, last if last is not None and last.can_continue() else None)
+        self._last_parser = self.exchange.parser
         return self.exchange
 
     def write(self, data: bytes) -> None:
@@ -385,11 +389,13 @@ class _Connection(asyncio.BufferedProtocol):
         """
         if self.closed or self.transport is None or self.transport.is_closing():
             return False
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return True
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is None:
+                return True
+            poller = self._poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
         return not poller.poll(0)
 
 
@@ -411,6 +417,13 @@ class UpstreamResponse:
 
     async def read(self, limit: int | None = None) -> bytes:
         """The rest of the body, or at least its first ``limit`` bytes."""
+        exchange = self._exchange
+        if exchange.done and exchange.error is None:  # the usual JSON answer: already here, whole
+            chunks = exchange.chunks
+            body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            exchange.buffered = 0
+            return body
         parts = []
         size = 0
         while True:

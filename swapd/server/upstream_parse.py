@@ -76,8 +76,16 @@ class ResponseParser:
     )
 
     def __init__(self, handler: ResponseHandler, no_body: bool) -> None:
-        self._handler = handler
         self._parser = httptools.HttpResponseParser(self)
+        self.reset(handler, no_body)
+
+    def can_continue(self) -> bool:
+        """After a complete response read to its end, llhttp is ready for the next one on the connection."""
+        return self.done and not self._no_body  # a HEAD answer was ended early: llhttp still expects a body
+
+    def reset(self, handler: ResponseHandler, no_body: bool) -> ResponseParser:
+        """Ready for the next response, for ``handler`` (see ``can_continue``)."""
+        self._handler = handler
         self._no_body = no_body
         self._reason = b""
         self._names: list[bytes] = []
@@ -90,6 +98,7 @@ class ResponseParser:
         self._start = b""  # the answer's first bytes, to name in an error
         self.close_delimited = False
         self.done = False
+        return self
 
     def feed(self, data: bytes) -> None:
         """Parse bytes as they came; the handler hears of a head, body bytes, the end."""
