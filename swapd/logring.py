@@ -1,7 +1,7 @@
 """Bounded in-memory history of log lines, with live subscribers.
 
 Backends can print without limit (a model load floods stdout); swapd keeps the
-last ``max_lines`` lines per source and never blocks on a slow reader: a
+last ``max_lines`` lines (all sources together) and never blocks on a slow reader: a
 subscriber whose queue is full loses lines, not the backend.
 """
 

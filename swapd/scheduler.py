@@ -182,7 +182,7 @@ class Scheduler:
     def check_admission(self, model_id: str) -> None:
         """Raise the refusal ``request`` would give now (429, 404, 503), reserving nothing.
 
-        The relay asks this as soon as a large body names its model, so a
+        The JSON route asks this as soon as a large body names its model, so a
         model at its concurrencyLimit refuses before the rest of the body is
         read, while a slow upload holds no slot.
         """

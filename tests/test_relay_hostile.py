@@ -177,3 +177,12 @@ def test_unknown_model_names_the_closest_id_and_every_refusal_is_logged(swapd):
     events = [e for e in s.log_events() if e.get("event") == "request"]
     assert [(e["status"], e["path"]) for e in events] == [(404, "/v1/chat/completions")] * 2 + [
         (400, "/v1/chat/completions")], events
+
+
+def test_refusals_by_the_access_checks_are_logged_too(swapd):
+    s = swapd({"m1": model()}, apiKeys=["sk-right"])
+    assert s.chat("m1").status == 401
+    assert s.get("/running", headers={"Authorization": "Bearer sk-wrong"}).status == 401
+    events = [e for e in s.log_events() if e.get("event") == "request"]
+    assert [(e["status"], e["path"]) for e in events] == [(401, "/v1/chat/completions"), (401, "/running")], events
+    assert "sk-wrong" not in s.log_text()

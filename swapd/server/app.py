@@ -100,7 +100,8 @@ async def error_middleware(request: web.Request, handler):
         raise
     except Exception:
         log.exception("request.unhandled", path=request.path, method=request.method)
-        return error_response(request, 500, "internal error in swapd; see its log", "internal_error")
+        return _refused(request, error_response(request, 500, "internal error in swapd; see its log", "internal_error"),
+                        "internal_error")
     finally:
         if deadline is not None:
             deadline.request_finished()

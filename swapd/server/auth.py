@@ -14,7 +14,7 @@ import re
 
 from aiohttp import web
 
-from swapd.server.errors import error_response
+from swapd.server.errors import ClientError
 from swapd.server.keys import RUNTIME
 from swapd.server.webguard import cross_site_refusal, host_refusal
 
@@ -89,18 +89,13 @@ async def access_middleware(request: web.Request, handler):
         if refusal is None:
             refusal, code = cross_site_refusal(request), "cross_site_request"
         if refusal is not None:
-            return error_response(request, 403, refusal, code)
+            raise ClientError(403, refusal, code)  # rendered and logged by error_middleware
     keys = rt.config.api_keys
     if keys and request.path not in EXEMPT_PATHS:
         provided, header = extract_api_key(request)
         if not key_matches(provided, keys):
-            return error_response(
-                request,
-                401,
-                "unauthorized: invalid or missing API key",
-                "invalid_api_key",
-                headers={"WWW-Authenticate": 'Basic realm="swapd"'},
-            )
+            raise ClientError(401, "unauthorized: invalid or missing API key", "invalid_api_key",
+                              headers={"WWW-Authenticate": 'Basic realm="swapd"'})
         # swapd's own key stops here: the relay leaves every header that carried it out
         # (a client may send it in both; each copy is dropped)
         request["swapd.credential"] = _carriers(request, provided, header)

@@ -4,7 +4,7 @@ from aiohttp import web
 
 from swapd.server.bodies import BodyBudget
 
-# The swapd.server.app.Runtime holding config, scheduler, backends and session.
+# The swapd.server.runtime.Runtime holding config, scheduler, backends and session.
 RUNTIME: web.AppKey = web.AppKey("runtime", object)
 
 # Bytes of request bodies held at once (clientLimits.maxBodyBytesInFlight).

@@ -1,7 +1,9 @@
 """The hot path: forward one request to a backend and stream the answer back.
 
-Nothing here buffers a response: each chunk the backend sends is written to
-the client as soon as it arrives. If the client goes away, aiohttp cancels the
+Nothing here buffers a stream: each chunk the backend sends is written to
+the client as soon as it arrives. The one exception is a whole answer of at
+most ``WHOLE_BODY_LIMIT`` bytes with a declared length (a JSON completion),
+which has usually arrived with its headers and goes out in one write. If the client goes away, aiohttp cancels the
 handler and the ``finally`` closes the upstream connection at once, which is
 how llama-server learns to stop generating.
 """
