@@ -27,7 +27,7 @@ import psutil
 from swapd import osutil
 from swapd.backend.children import CHILDREN
 from swapd.backend.probe import _RawProbeTarget
-from swapd.backend.state import State, StartError, StopReport, check_transition
+from swapd.backend.state import StartError, State, StopReport, check_transition
 from swapd.config import ModelConfig
 from swapd.logging import get_logger
 from swapd.logring import LogRing
@@ -194,7 +194,9 @@ class Backend:
                     break
         except (psutil.Error, OSError):
             pass
-        raise StartError(self.id, f"model {self.id}: port {port} is already in use{owner}; stop that process or change startPort")
+        raise StartError(
+            self.id, f"model {self.id}: port {port} is already in use{owner}; stop that process or change startPort"
+        )
 
     async def _spawn(self) -> None:
         model = self.model
@@ -494,7 +496,9 @@ class Backend:
                 osutil.signal_pid(pid, signal.SIGTERM)
         return await self._kill_tree(targets, reason=reason, grace=grace)
 
-    async def _kill_tree(self, targets: list[tuple[int, float]], *, reason: str, grace: float) -> tuple[list[int], list[int]]:
+    async def _kill_tree(
+        self, targets: list[tuple[int, float]], *, reason: str, grace: float
+    ) -> tuple[list[int], list[int]]:
         proc = self._proc
         assert proc is not None
         deadline = time.monotonic() + grace

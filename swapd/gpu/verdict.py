@@ -62,7 +62,9 @@ class Baseline:
     pids: tuple[int, ...] = ()  # the model's pids NVML listed
 
 
-def make_baseline(snapshot: Snapshot, tree: Iterable[int], mode: str, estimate: Mapping[int, float] | None = None) -> Baseline:
+def make_baseline(
+    snapshot: Snapshot, tree: Iterable[int], mode: str, estimate: Mapping[int, float] | None = None
+) -> Baseline:
     """The baseline for a stop: by pid in ``pids`` mode, from ``estimate`` otherwise
     (and for a device whose processes NVML cannot list)."""
     used = {dev.index: dev.used_mib for dev in snapshot.devices}

@@ -170,7 +170,9 @@ class VramVerifier:
         self._starts[backend.id] = (time.monotonic(), {d.index: d.used_mib for d in snapshot.devices})
 
     # -- the stop guard ---------------------------------------------------------------
-    async def stop_guard(self, backend: Backend, reason: str, do_stop: Callable[[], Awaitable[StopReport]]) -> StopReport:
+    async def stop_guard(
+        self, backend: Backend, reason: str, do_stop: Callable[[], Awaitable[StopReport]]
+    ) -> StopReport:
         """Wrap one stop: baseline, stop, then verify that the memory came back."""
         mode = self._mode()
         if mode == "off":
@@ -196,7 +198,9 @@ class VramVerifier:
         except Exception as exc:
             self._log_read_error(exc)
             report = await do_stop()
-            self._record(model_id, reason, "unavailable", detail=f"NVML read failed: {exc}", stop_seconds=report.seconds)
+            self._record(
+                model_id, reason, "unavailable", detail=f"NVML read failed: {exc}", stop_seconds=report.seconds
+            )
             return report
         estimate = None
         if self.pid_mode == "memory_only" or any(d.processes is None for d in snapshot.devices):
@@ -210,7 +214,9 @@ class VramVerifier:
             raise
         except Exception as exc:  # a failed check must never fail the stop
             log.exception("vram.check_failed", model=model_id)
-            self._record(model_id, reason, "unavailable", detail=f"verification failed: {exc}", stop_seconds=report.seconds)
+            self._record(
+                model_id, reason, "unavailable", detail=f"verification failed: {exc}", stop_seconds=report.seconds
+            )
         return report
 
     def _prepare(self, root: int | None, tracked: list[int]) -> tuple[Snapshot, dict[int, float | None]]:
@@ -368,7 +374,9 @@ class VramVerifier:
             if b.state is not State.STOPPED
         }
 
-    def _attribution_sync(self, running: dict[str, tuple[int | None, list[int]]]) -> tuple[Snapshot, Attribution, dict[str, list[int]]]:
+    def _attribution_sync(
+        self, running: dict[str, tuple[int | None, list[int]]]
+    ) -> tuple[Snapshot, Attribution, dict[str, list[int]]]:
         snap = self.nvml.read(full=True)
         trees = {m: sorted(process_tree(root, tracked)) for m, (root, tracked) in running.items()}
         return snap, attribute(snap, trees), trees
@@ -395,7 +403,10 @@ class VramVerifier:
                 return {}
             visible = self.pid_mode != "memory_only"
             self._usage = {
-                m: {"vram_mib": _mib(att.model_mib(m)) if visible else None, "pids": att.model_pids(m) if visible else []}
+                m: {
+                    "vram_mib": _mib(att.model_mib(m)) if visible else None,
+                    "pids": att.model_pids(m) if visible else [],
+                }
                 for m in running
             }
             self._usage_key = key
@@ -465,7 +476,12 @@ class VramVerifier:
                     "processes_listed": dev.processes is not None,
                     "models": models,
                     "unattributed": [
-                        {"pid": p.pid, "vram_mib": _mib(p.used_mib), "type": p.kind, "name": proc_name(p.pid) if visible else None}
+                        {
+                            "pid": p.pid,
+                            "vram_mib": _mib(p.used_mib),
+                            "type": p.kind,
+                            "name": proc_name(p.pid) if visible else None,
+                        }
                         for p in att.unattributed.get(dev.index, ())
                     ],
                 }
