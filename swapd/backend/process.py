@@ -222,6 +222,7 @@ class Backend:
         finally:
             CHILDREN.spawning -= 1
         proc = self._proc
+        assert proc.stdout is not None and proc.stderr is not None  # both were asked for as PIPEs
         CHILDREN.managed.add(proc.pid)
         CHILDREN.track(proc.pid, group=True)
         self.started_at = time.time()
@@ -270,7 +271,12 @@ class Backend:
             return await proc.wait()
         loop = asyncio.get_running_loop()
         exited = loop.create_future()
-        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
         waiter = asyncio.ensure_future(proc.wait())
         try:
             try:

@@ -219,9 +219,16 @@ class VramVerifier:
             )
         return report
 
+    def _require_nvml(self) -> Nvml:
+        """NVML, for the paths that run only after their caller saw it open (``self.nvml`` is set)."""
+        nvml = self.nvml
+        if nvml is None:
+            raise RuntimeError("NVML is not open (VramVerifier.open() did not find it)")
+        return nvml
+
     def _prepare(self, root: int | None, tracked: list[int]) -> tuple[Snapshot, dict[int, float | None]]:
         tree: dict[int, float | None] = dict(process_tree(root, tracked))
-        return self.nvml.read(), tree
+        return self._require_nvml().read(), tree
 
     async def _verify(
         self,
@@ -249,7 +256,7 @@ class VramVerifier:
         other_started = [s for _, _, s in others]
         while True:
             # CHILDREN.managed is changed on the loop: copy it here, not on the NVML thread.
-            snap, orphans = await self.nvml.call(
+            snap, orphans = await self._require_nvml().call(
                 self._poll, set(tree), started_at, others, other_started, set(CHILDREN.managed), not memory_only
             )
             for pid, ctime in orphans.items():
@@ -261,7 +268,9 @@ class VramVerifier:
                 break
             targets = {pid: tree.get(pid) for pid in verdict.lingering if pid not in killed and pid not in kill_failed}
             if targets and not memory_only:
-                done, failed = await self.nvml.call(kill_leftovers, targets, stop_began, set(CHILDREN.managed))
+                done, failed = await self._require_nvml().call(
+                    kill_leftovers, targets, stop_began, set(CHILDREN.managed)
+                )
                 for pid in done:
                     killed.append(pid)
                     log.warning("vram.sigkill", model=model_id, pid=pid, mib=_mib(verdict.lingering.get(pid)))
@@ -326,7 +335,7 @@ class VramVerifier:
         managed: set[int],
         look_for_orphans: bool,
     ) -> tuple[Snapshot, dict[int, float]]:
-        snap = self.nvml.read()
+        snap = self._require_nvml().read()
         orphans: dict[int, float] = {}
         if look_for_orphans:
             candidates = snap.pids() - tree
@@ -377,7 +386,7 @@ class VramVerifier:
     def _attribution_sync(
         self, running: dict[str, tuple[int | None, list[int]]]
     ) -> tuple[Snapshot, Attribution, dict[str, list[int]]]:
-        snap = self.nvml.read(full=True)
+        snap = self._require_nvml().read(full=True)
         trees = {m: sorted(process_tree(root, tracked)) for m, (root, tracked) in running.items()}
         return snap, attribute(snap, trees), trees
 

@@ -82,9 +82,10 @@ def _del_path(doc: dict, dotted: str) -> None:
     node = doc
     *parents, leaf = dotted.split(".")
     for part in parents:
-        node = node.get(part)
-        if not isinstance(node, dict):
+        child = node.get(part)
+        if not isinstance(child, dict):
             return
+        node = child
     node.pop(leaf, None)
 
 

@@ -97,7 +97,7 @@ class HeaderDeadline(asyncio.Protocol):
             self._transport.close()
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()  # type: ignore[no-any-return]
+        return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
