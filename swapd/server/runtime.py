@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -20,6 +20,9 @@ from swapd.logging import get_logger
 from swapd.scheduler import Scheduler
 from swapd.server import observe
 from swapd.server.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from swapd.gpu import VramVerifier
 
 config_log = get_logger("swapd.config")
 
@@ -43,7 +46,7 @@ class Runtime:
         self.pool = UpstreamPool()  # plain-http backends and peers: the hot path
         self._backends: dict[str, Backend] = {}
         self._scheduler: Scheduler | None = None
-        self.gpu = None  # swapd.gpu's verifier, set by gpu_api.install when the app starts
+        self.gpu: VramVerifier | None = None  # swapd.gpu's verifier, set by gpu_api.install when the app starts
         self._reload_lock = asyncio.Lock()
 
     # -- what others read (swapd.scheduler.RuntimeView) -------------------------
