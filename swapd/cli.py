@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from swapd import __version__, logging as slog, osutil
+from swapd import __version__, osutil
+from swapd import logging as slog
 from swapd.config import ConfigError, config_dir_files, load_config_sources
 
 if TYPE_CHECKING:
@@ -191,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(config, args) -> None:
     from swapd.backend import CHILDREN
     from swapd.server.app import RUNTIME, create_app
-    from swapd.server.slowclient import Listener
     from swapd.server.observe import apply_log_settings
+    from swapd.server.slowclient import Listener
     from swapd.server.webguard import unprotected_listen
 
     log = slog.get_logger("swapd")

@@ -210,7 +210,7 @@ class StdlibBridge(logging.Handler):
             if state is None and len(self._kinds) >= self.MAX_KINDS:
                 self._kinds.clear()
             self._kinds[kind] = [now, 0]
-            fields = {"message": _one_line(redact_text(record.getMessage()))}
+            fields: dict[str, str | int] = {"message": _one_line(redact_text(record.getMessage()))}
             if exc is not None:
                 fields["error"] = _one_line(redact_text(f"{type(exc).__name__}: {exc}"))
                 tb = exc.__traceback__
@@ -220,9 +220,14 @@ class StdlibBridge(logging.Handler):
                     fields["where"] = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
             if suppressed:
                 fields["suppressed"] = suppressed
-            method = "error" if record.levelno >= logging.ERROR else (
-                "warning" if record.levelno >= logging.WARNING else "info" if record.levelno >= logging.INFO else "debug"
-            )
+            if record.levelno >= logging.ERROR:
+                method = "error"
+            elif record.levelno >= logging.WARNING:
+                method = "warning"
+            elif record.levelno >= logging.INFO:
+                method = "info"
+            else:
+                method = "debug"
             getattr(structlog.get_logger(record.name), method)(record.name, **fields)
         except Exception:  # a log line must never break the caller
             pass

@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -45,7 +45,7 @@ def set_child_subreaper() -> bool:
     return _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
-def make_pdeathsig_preexec(sig: int = signal.SIGKILL):
+def make_pdeathsig_preexec(sig: int = signal.SIGKILL) -> Callable[[], None]:
     """Return a preexec_fn that makes the child die when swapd dies.
 
     The function is built before fork so the child does no imports or lookups:
@@ -156,7 +156,9 @@ def _pdeathsig_wrapper() -> str | None:
     return path if "--pdeathsig" in out else None
 
 
-def pdeathsig_command(argv: list[str], env: dict[str, str]) -> tuple[list[str], object]:
+def pdeathsig_command(
+    argv: Sequence[str], env: dict[str, str]
+) -> tuple[Sequence[str], Callable[[], None] | None]:
     """The argv and preexec_fn that start ``argv`` with a parent-death SIGKILL.
 
     With util-linux's ``setpriv --pdeathsig KILL`` in front of the command
@@ -231,7 +233,11 @@ def watch_orphans(loop: asyncio.AbstractEventLoop, reap: Callable[[], object]) -
     except RuntimeError:
         pass
     else:
-        return lambda: loop.remove_signal_handler(signal.SIGCHLD)
+
+        def stop() -> None:
+            loop.remove_signal_handler(signal.SIGCHLD)
+
+        return stop
     handle = None
 
     def check() -> None:

@@ -64,7 +64,7 @@ class ChildRegistry:
         """Start the watchdog that kills our backends if swapd is SIGKILLed (once)."""
         if self.guardian is None:
             guardian = Guardian()
-            if guardian.start():
+            if guardian.start() and guardian.pid is not None:  # a started guardian has a pid
                 self.guardian = guardian
                 self.managed.add(guardian.pid)
             else:

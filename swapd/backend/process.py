@@ -27,7 +27,7 @@ import psutil
 from swapd import osutil
 from swapd.backend.children import CHILDREN
 from swapd.backend.probe import _RawProbeTarget
-from swapd.backend.state import State, StartError, StopReport, check_transition
+from swapd.backend.state import StartError, State, StopReport, check_transition
 from swapd.config import ModelConfig
 from swapd.logging import get_logger
 from swapd.logring import LogRing
@@ -194,7 +194,9 @@ class Backend:
                     break
         except (psutil.Error, OSError):
             pass
-        raise StartError(self.id, f"model {self.id}: port {port} is already in use{owner}; stop that process or change startPort")
+        raise StartError(
+            self.id, f"model {self.id}: port {port} is already in use{owner}; stop that process or change startPort"
+        )
 
     async def _spawn(self) -> None:
         model = self.model
@@ -220,6 +222,7 @@ class Backend:
         finally:
             CHILDREN.spawning -= 1
         proc = self._proc
+        assert proc.stdout is not None and proc.stderr is not None  # both were asked for as PIPEs
         CHILDREN.managed.add(proc.pid)
         CHILDREN.track(proc.pid, group=True)
         self.started_at = time.time()
@@ -268,7 +271,12 @@ class Backend:
             return await proc.wait()
         loop = asyncio.get_running_loop()
         exited = loop.create_future()
-        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
         waiter = asyncio.ensure_future(proc.wait())
         try:
             try:
@@ -494,7 +502,9 @@ class Backend:
                 osutil.signal_pid(pid, signal.SIGTERM)
         return await self._kill_tree(targets, reason=reason, grace=grace)
 
-    async def _kill_tree(self, targets: list[tuple[int, float]], *, reason: str, grace: float) -> tuple[list[int], list[int]]:
+    async def _kill_tree(
+        self, targets: list[tuple[int, float]], *, reason: str, grace: float
+    ) -> tuple[list[int], list[int]]:
         proc = self._proc
         assert proc is not None
         deadline = time.monotonic() + grace

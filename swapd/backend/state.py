@@ -6,7 +6,9 @@ import enum
 from dataclasses import dataclass, field
 
 
-class State(str, enum.Enum):
+# Not enum.StrEnum (ruff UP042): StrEnum changes str()/format() of a member from "State.READY" to "ready",
+# and callers use ``.value`` where they mean the text; keep the existing behaviour.
+class State(str, enum.Enum):  # noqa: UP042
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"

@@ -12,9 +12,12 @@ import concurrent.futures
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, TypeVarTuple
 
 from swapd.logging import get_logger
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
 
 log = get_logger("swapd.gpu")
 
@@ -222,7 +225,7 @@ class Nvml:
             pass
         self._executor.shutdown(wait=True)
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def call(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         """Run ``fn`` on the NVML thread (everything touching NVML goes here)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 

@@ -40,13 +40,13 @@ def attribute(snapshot: Snapshot, trees: Mapping[str, Iterable[int]]) -> Attribu
     by_model: dict[str, dict[int, dict[int, float | None]]] = {m: {} for m in trees}
     unattributed: dict[int, tuple[GpuProcess, ...]] = {}
     for dev in snapshot.devices:
-        loose = []
+        loose: list[GpuProcess] = []
         for proc in dev.processes or ():
-            model_id = owner.get(proc.pid)
-            if model_id is None:
+            owner_id = owner.get(proc.pid)
+            if owner_id is None:
                 loose.append(proc)
             else:
-                by_model[model_id].setdefault(dev.index, {})[proc.pid] = proc.used_mib
+                by_model[owner_id].setdefault(dev.index, {})[proc.pid] = proc.used_mib
         unattributed[dev.index] = tuple(loose)
     return Attribution(by_model, unattributed)
 
@@ -62,17 +62,19 @@ class Baseline:
     pids: tuple[int, ...] = ()  # the model's pids NVML listed
 
 
-def make_baseline(snapshot: Snapshot, tree: Iterable[int], mode: str, estimate: Mapping[int, float] | None = None) -> Baseline:
+def make_baseline(
+    snapshot: Snapshot, tree: Iterable[int], mode: str, estimate: Mapping[int, float] | None = None
+) -> Baseline:
     """The baseline for a stop: by pid in ``pids`` mode, from ``estimate`` otherwise
     (and for a device whose processes NVML cannot list)."""
     used = {dev.index: dev.used_mib for dev in snapshot.devices}
     if mode == "memory_only":
-        held = {d: max(0.0, mib) for d, mib in (estimate or {}).items() if d in used}
+        held: dict[int, float] = {d: max(0.0, mib) for d, mib in (estimate or {}).items() if d in used}
         return Baseline(mode, used, held, None)
     tree = set(tree)
-    held: dict[int, float] = {}
+    held = {}
     others: dict[int, float | None] = {}
-    pids = []
+    pids: list[int] = []
     for dev in snapshot.devices:
         if dev.processes is None:
             held[dev.index] = max(0.0, (estimate or {}).get(dev.index, 0.0))
@@ -112,8 +114,8 @@ def judge(baseline: Baseline, snapshot: Snapshot, tree: Iterable[int] = ()) -> V
     devices: dict[int, dict[str, float]] = {}
     recovered_total = remaining_total = 0.0
     ok = True
-    for dev in snapshot.devices:
-        for proc in dev.processes or ():
+    for device in snapshot.devices:
+        for proc in device.processes or ():
             if proc.pid in tree:
                 lingering[proc.pid] = proc.used_mib
     for index, held in baseline.held.items():

@@ -170,7 +170,9 @@ class VramVerifier:
         self._starts[backend.id] = (time.monotonic(), {d.index: d.used_mib for d in snapshot.devices})
 
     # -- the stop guard ---------------------------------------------------------------
-    async def stop_guard(self, backend: Backend, reason: str, do_stop: Callable[[], Awaitable[StopReport]]) -> StopReport:
+    async def stop_guard(
+        self, backend: Backend, reason: str, do_stop: Callable[[], Awaitable[StopReport]]
+    ) -> StopReport:
         """Wrap one stop: baseline, stop, then verify that the memory came back."""
         mode = self._mode()
         if mode == "off":
@@ -196,7 +198,9 @@ class VramVerifier:
         except Exception as exc:
             self._log_read_error(exc)
             report = await do_stop()
-            self._record(model_id, reason, "unavailable", detail=f"NVML read failed: {exc}", stop_seconds=report.seconds)
+            self._record(
+                model_id, reason, "unavailable", detail=f"NVML read failed: {exc}", stop_seconds=report.seconds
+            )
             return report
         estimate = None
         if self.pid_mode == "memory_only" or any(d.processes is None for d in snapshot.devices):
@@ -210,12 +214,21 @@ class VramVerifier:
             raise
         except Exception as exc:  # a failed check must never fail the stop
             log.exception("vram.check_failed", model=model_id)
-            self._record(model_id, reason, "unavailable", detail=f"verification failed: {exc}", stop_seconds=report.seconds)
+            self._record(
+                model_id, reason, "unavailable", detail=f"verification failed: {exc}", stop_seconds=report.seconds
+            )
         return report
+
+    def _require_nvml(self) -> Nvml:
+        """NVML, for the paths that run only after their caller saw it open (``self.nvml`` is set)."""
+        nvml = self.nvml
+        if nvml is None:
+            raise RuntimeError("NVML is not open (VramVerifier.open() did not find it)")
+        return nvml
 
     def _prepare(self, root: int | None, tracked: list[int]) -> tuple[Snapshot, dict[int, float | None]]:
         tree: dict[int, float | None] = dict(process_tree(root, tracked))
-        return self.nvml.read(), tree
+        return self._require_nvml().read(), tree
 
     async def _verify(
         self,
@@ -243,7 +256,7 @@ class VramVerifier:
         other_started = [s for _, _, s in others]
         while True:
             # CHILDREN.managed is changed on the loop: copy it here, not on the NVML thread.
-            snap, orphans = await self.nvml.call(
+            snap, orphans = await self._require_nvml().call(
                 self._poll, set(tree), started_at, others, other_started, set(CHILDREN.managed), not memory_only
             )
             for pid, ctime in orphans.items():
@@ -255,7 +268,9 @@ class VramVerifier:
                 break
             targets = {pid: tree.get(pid) for pid in verdict.lingering if pid not in killed and pid not in kill_failed}
             if targets and not memory_only:
-                done, failed = await self.nvml.call(kill_leftovers, targets, stop_began, set(CHILDREN.managed))
+                done, failed = await self._require_nvml().call(
+                    kill_leftovers, targets, stop_began, set(CHILDREN.managed)
+                )
                 for pid in done:
                     killed.append(pid)
                     log.warning("vram.sigkill", model=model_id, pid=pid, mib=_mib(verdict.lingering.get(pid)))
@@ -320,7 +335,7 @@ class VramVerifier:
         managed: set[int],
         look_for_orphans: bool,
     ) -> tuple[Snapshot, dict[int, float]]:
-        snap = self.nvml.read()
+        snap = self._require_nvml().read()
         orphans: dict[int, float] = {}
         if look_for_orphans:
             candidates = snap.pids() - tree
@@ -368,8 +383,10 @@ class VramVerifier:
             if b.state is not State.STOPPED
         }
 
-    def _attribution_sync(self, running: dict[str, tuple[int | None, list[int]]]) -> tuple[Snapshot, Attribution, dict[str, list[int]]]:
-        snap = self.nvml.read(full=True)
+    def _attribution_sync(
+        self, running: dict[str, tuple[int | None, list[int]]]
+    ) -> tuple[Snapshot, Attribution, dict[str, list[int]]]:
+        snap = self._require_nvml().read(full=True)
         trees = {m: sorted(process_tree(root, tracked)) for m, (root, tracked) in running.items()}
         return snap, attribute(snap, trees), trees
 
@@ -395,7 +412,10 @@ class VramVerifier:
                 return {}
             visible = self.pid_mode != "memory_only"
             self._usage = {
-                m: {"vram_mib": _mib(att.model_mib(m)) if visible else None, "pids": att.model_pids(m) if visible else []}
+                m: {
+                    "vram_mib": _mib(att.model_mib(m)) if visible else None,
+                    "pids": att.model_pids(m) if visible else [],
+                }
                 for m in running
             }
             self._usage_key = key
@@ -465,7 +485,12 @@ class VramVerifier:
                     "processes_listed": dev.processes is not None,
                     "models": models,
                     "unattributed": [
-                        {"pid": p.pid, "vram_mib": _mib(p.used_mib), "type": p.kind, "name": proc_name(p.pid) if visible else None}
+                        {
+                            "pid": p.pid,
+                            "vram_mib": _mib(p.used_mib),
+                            "type": p.kind,
+                            "name": proc_name(p.pid) if visible else None,
+                        }
                         for p in att.unattributed.get(dev.index, ())
                     ],
                 }

@@ -15,19 +15,18 @@ from swapd.config import Config
 from swapd.logging import get_logger
 from swapd.redact import redact_argv, redact_url
 from swapd.scheduler import SchedulerError
-from swapd.server import gpu_api
+from swapd.server import gpu_api, observe
 from swapd.server.auth import access_middleware
-from swapd.server.errors import ClientError, error_response
-from swapd.server import observe
 from swapd.server.bodies import BodyBudget
+from swapd.server.errors import ClientError, error_response
 from swapd.server.keys import BODY_BUDGET, RUNTIME
+from swapd.server.relay import UpstreamError
 from swapd.server.routing import (
     handle_json_model,
     handle_multipart_model,
     handle_query_model,
     handle_upstream,
 )
-from swapd.server.relay import UpstreamError
 from swapd.server.runtime import Runtime
 from swapd.server.slowclient import HeaderDeadline
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from swapd.gpu import VramVerifier
 
+if TYPE_CHECKING:
+    from swapd.server.runtime import Runtime
 
-def _runtime(app: web.Application) -> Any:
+
+def _runtime(app: web.Application) -> Runtime:
     # Imported late: swapd.server.app imports this module.
     from swapd.server.app import RUNTIME
 

@@ -258,7 +258,9 @@ async def _broken_mid_response(request: web.Request, response: web.StreamRespons
     return response
 
 
-async def _relay_into(request: web.Request, response: web.StreamResponse, upstream, model_id: str) -> web.StreamResponse:
+async def _relay_into(
+    request: web.Request, response: web.StreamResponse, upstream, model_id: str
+) -> web.StreamResponse:
     """Continue an already-started event stream with the backend's body."""
     try:
         if upstream.status != 200:

@@ -21,8 +21,8 @@ from swapd.backend import StartError, State
 from swapd.config import Config, Filters, ModelConfig, PeerConfig
 from swapd.logging import get_logger
 from swapd.scheduler import SchedulerError
-from swapd.server.errors import ClientError
 from swapd.server.bodies import TopLevelScanner
+from swapd.server.errors import ClientError
 from swapd.server.keys import BODY_BUDGET, RUNTIME
 from swapd.server.relay import CREDENTIAL_HEADERS, UpstreamError, relay
 from swapd.server.slowclient import check_declared_length, next_chunk, stream_body
@@ -82,9 +82,10 @@ def _del_path(doc: dict, dotted: str) -> None:
     node = doc
     *parents, leaf = dotted.split(".")
     for part in parents:
-        node = node.get(part)
-        if not isinstance(node, dict):
+        child = node.get(part)
+        if not isinstance(child, dict):
             return
+        node = child
     node.pop(leaf, None)
 
 
@@ -509,7 +510,9 @@ async def handle_upstream(request: web.Request) -> web.StreamResponse:
         backend = request.app[RUNTIME].backends.get(model.id)
         if backend is None or backend.state is not State.READY:
             # a browser fetching a favicon must not load a model (llama-swap's ignorePaths)
-            raise ClientError(409, f"model {model.id} is not loaded; path matches upstream.ignorePaths", "model_not_loaded")
+            raise ClientError(
+                409, f"model {model.id} is not loaded; path matches upstream.ignorePaths", "model_not_loaded"
+            )
     path_qs = rest + ("?" + raw_query if raw_query else "")
     body = None
     if request.can_read_body:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -20,6 +20,9 @@ from swapd.logging import get_logger
 from swapd.scheduler import Scheduler
 from swapd.server import observe
 from swapd.server.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from swapd.gpu import VramVerifier
 
 config_log = get_logger("swapd.config")
 
@@ -39,11 +42,11 @@ class Runtime:
         self.logs.listeners += [self.events.on_log_line, self.upstream_echo]
         self.log_sink: Any = None  # swapd.logging's sink, set by cli.py; log settings are re-applied on reload
         self.listen_host: str | None = None  # the name given to --listen: an allowed Host (webguard), set by cli.py
-        self.session: aiohttp.ClientSession | None = None  # https backends and peers, https health checks
+        self._session: aiohttp.ClientSession | None = None  # https backends and peers, https health checks
         self.pool = UpstreamPool()  # plain-http backends and peers: the hot path
         self._backends: dict[str, Backend] = {}
-        self.scheduler: Scheduler | None = None
-        self.gpu = None  # swapd.gpu's verifier, set by gpu_api.install when the app starts
+        self._scheduler: Scheduler | None = None
+        self.gpu: VramVerifier | None = None  # swapd.gpu's verifier, set by gpu_api.install when the app starts
         self._reload_lock = asyncio.Lock()
 
     # -- what others read (swapd.scheduler.RuntimeView) -------------------------
@@ -55,6 +58,19 @@ class Runtime:
     def backends(self) -> Mapping[str, Backend]:
         """The backends by model id; read-only for everyone but this class."""
         return self._backends
+
+    # -- set once the app starts (:meth:`start`) --------------------------------------
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise RuntimeError("Runtime.scheduler used before Runtime.start() (the app has not started)")
+        return self._scheduler
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("Runtime.session used before Runtime.start() (the app has not started)")
+        return self._session
 
     # -- lifecycle -----------------------------------------------------------------
     def new_backend(self, mc: ModelConfig) -> Backend:
@@ -68,11 +84,11 @@ class Runtime:
 
     def start(self, session: aiohttp.ClientSession) -> Scheduler:
         """Create the scheduler and one backend per configured model (app start-up)."""
-        self.session = session
-        self.scheduler = Scheduler(self)
+        self._session = session
+        scheduler = self._scheduler = Scheduler(self)
         for mc in self._config.models.values():
             self._backends[mc.id] = self.new_backend(mc)
-        return self.scheduler
+        return scheduler
 
     async def reload(self, new: Config, why: str = "reload") -> dict[str, list[str]]:
         """Apply a new, already loaded config: the one place a reload happens.

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -41,7 +40,7 @@ class HeaderDeadline(asyncio.Protocol):
 
     __slots__ = ("_inner", "_timeout", "_transport", "_timer", "_state", "_deadline", "_loop")
 
-    def __init__(self, inner: Any, timeout: float) -> None:
+    def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
         self._inner = inner
         self._timeout = timeout
         self._transport: asyncio.BaseTransport | None = None
@@ -97,7 +96,7 @@ class HeaderDeadline(asyncio.Protocol):
             self._transport.close()
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()  # type: ignore[no-any-return]
+        return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -134,7 +133,7 @@ class Listener:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        factory: Callable[[], Any] | None = self._runner.server
+        factory: Callable[[], asyncio.Protocol] | None = self._runner.server
         if factory is None:
             raise RuntimeError("call runner.setup() before starting a listener")
         timeout = self._header_timeout

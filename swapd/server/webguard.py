@@ -122,7 +122,10 @@ def cross_site_refusal(request: web.Request) -> str | None:
         if request.method != "GET" or request.path not in STATE_CHANGING_GETS:
             return None
         if _foreign_origin(request):
-            return f"cross-site GET {request.path} refused: it changes state; call it from the same origin or without a browser"
+            return (
+                f"cross-site GET {request.path} refused: it changes state; "
+                "call it from the same origin or without a browser"
+            )
         return None
     if not _foreign_origin(request) or _preflighted(request):
         return None
