@@ -262,8 +262,8 @@ async def _relay_logged(request: web.Request, url: str, body, label: str, t0: fl
 # few kB); a larger one is scanned as it arrives and parsed in a thread only
 # when a filter must rewrite it.
 INLINE_PARSE_LIMIT = 1024 * 1024
-# A body still arriving is scanned for its model once it passes this size: a
-# smaller one is soon whole, and is parsed then.
+# A body still arriving is scanned for its model when it declares more than
+# this, or once it passes it: a smaller one is soon whole, and is parsed then.
 SCAN_FROM = 64 * 1024
 
 
@@ -324,6 +324,7 @@ async def _handle_held_body(request: web.Request) -> web.StreamResponse:
     cap = limits.max_body_bytes_in_flight
     check_declared_length(request, limits.max_body_bytes)
     reserved = 0
+    large = (request.content_length or 0) > SCAN_FROM  # scanned from its first bytes
     if request.content_length:
         budget.reserve(request.content_length, cap)  # 503 before a byte of it is read
         reserved = request.content_length
@@ -339,7 +340,7 @@ async def _handle_held_body(request: web.Request) -> web.StreamResponse:
             if len(body) > reserved:  # chunked, or longer than declared
                 budget.reserve(len(body) - reserved, cap)
                 reserved = len(body)
-            if len(body) > SCAN_FROM and not scanner.complete(("model", "stream")):
+            if (large or len(body) > SCAN_FROM) and not scanner.complete(("model", "stream")):
                 scanner.feed(body)
                 if target is None and "model" in scanner.found:
                     target = _lookup(rt.config, scanner.found["model"])
