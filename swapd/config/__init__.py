@@ -11,15 +11,14 @@ non-fatal findings (unknown or not yet implemented keys) are listed in
 """
 
 from ._errors import ConfigError
-from ._load import (
+from ._keys import (
     DEFAULT_CONCURRENCY_LIMIT,
     DEFAULT_HEALTH_CHECK_TIMEOUT,
     DEFAULT_START_PORT,
     DEFAULT_UNLOAD_TIMEOUT,
     MIN_HEALTH_CHECK_TIMEOUT,
-    load_config,
-    load_config_text,
 )
+from ._load import load_config, load_config_text
 from ._merge import config_dir_files, config_sources, load_config_sources
 from ._model import DEFAULT_GROUP_ID, PID_PLACEHOLDER, Config, Filters, GroupConfig, ModelConfig, PeerConfig, Timeouts
 

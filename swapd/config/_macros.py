@@ -67,8 +67,7 @@ def substitute_env_text(text: str, environ: Mapping[str, str]) -> tuple[str, set
 def env_problem(name: str, refused: set[str]) -> str:
     if name in refused:
         return (
-            f"environment variable '{name}' contains a newline, carriage return or NUL byte "
-            "and cannot be substituted"
+            f"environment variable '{name}' contains a newline, carriage return or NUL byte and cannot be substituted"
         )
     return f"environment variable '{name}' is not set (referenced as ${{env.{name}}})"
 

@@ -25,8 +25,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._errors import ConfigError
-from ._load import _build, _Context, _describe, _parse_document
+from ._expand import _parse_document
+from ._load import _build
 from ._model import Config
+from ._reader import _Context, _describe
 
 # Dotted paths whose children are named entities (llama-swap's identityMapPaths).
 _ENTITY_MAPS = {
