@@ -179,6 +179,10 @@ class Scheduler:
         self._on_request(req)
         return req
 
+    def admitted(self) -> dict[str, int]:
+        """Requests admitted and not yet finished, per model (waiting, loading or in flight)."""
+        return {m: n for m, n in self._reserved.items() if n}
+
     def check_admission(self, model_id: str) -> None:
         """Raise the refusal ``request`` would give now (429, 404, 503), reserving nothing.
 

@@ -289,12 +289,19 @@ def test_loading_state_reports_a_failed_start_in_band(swapd):
 # -- scheduling ---------------------------------------------------------------------------
 
 
+def _queued(s) -> int:
+    return s.get("/api/status").json()["queued"]
+
+
+def _admitted(s) -> dict[str, int]:
+    return s.get("/api/status").json()["admitted"]
+
+
 def test_concurrency_limit_429_before_loading_stream(swapd):
     s = swapd({"m1": model("--load-delay", "1", concurrencyLimit=2, sendLoadingState=True)})
     results = []
     threads = _threads(*[lambda: results.append(s.chat("m1", x_sleep=1.5).status)] * 2)
-    wait_until(lambda: s.running().get("m1", {}).get("state") in ("starting", "ready"), message="m1 starting")
-    time.sleep(0.2)
+    wait_until(lambda: _admitted(s).get("m1") == 2, message="both requests admitted")
     status, headers, events = s.stream("m1")
     assert status == 429, "over the limit: refused, not a loading stream"
     assert headers["retry-after"] == "1"
@@ -321,9 +328,13 @@ def test_queue_collates_requests_per_model(swapd):
     first = _threads(call("a", x_sleep=1.5))
     wait_until(lambda: s.running()["a"]["in_flight"] == 1, message="a busy")
     rest = []
+    sent = {"a": 1, "b": 0}
     for name in ("b", "a", "b", "a"):
+        sent[name] += 1
         rest += _threads(call(name))
-        time.sleep(0.05)
+        # arrival order is the test: the next goes only once swapd holds this one (admitted, or already answered)
+        wait_until(lambda: sum(1 for d in done if d[0] == name) + _admitted(s).get(name, 0) >= sent[name],
+                   message=f"the {name} request to arrive")
     for t in first + rest:
         t.join()
     assert sorted(x[1] for x in done) == [200] * 5
@@ -339,7 +350,7 @@ def test_priority_orders_the_queue(swapd):
     threads = _threads(lambda: s.chat("a", x_sleep=1.2))
     wait_until(lambda: s.running()["a"]["in_flight"] == 1, message="a busy")
     threads += _threads(lambda: s.chat("low"))
-    time.sleep(0.1)
+    wait_until(lambda: _queued(s) == 1, message="low queued first")
     threads += _threads(lambda: s.chat("high"))
     for t in threads:
         t.join()
@@ -354,11 +365,13 @@ def test_client_gone_while_queued_is_dropped(swapd):
     conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
     conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": "b", "messages": []}),
                  headers={"Content-Type": "application/json"})
-    time.sleep(0.3)
+    wait_until(lambda: _queued(s) == 1, message="b queued behind a")
     conn.close()  # give up while queued behind a's request
+    wait_until(lambda: _queued(s) == 0, message="the queue to drop it")
     for t in threads:
         t.join()
-    time.sleep(0.5)
+    wait_until(lambda: s.running()["a"]["in_flight"] == 0, message="a idle")
+    # a is idle and nothing is queued: had b's request survived, its start would be under way now
     assert _starts(s) == ["a"], "a request whose client left must not start its model"
     assert list(s.running()) == ["a"]
 

@@ -100,6 +100,14 @@ def test_port_already_taken_fails_fast(swapd):
         blocker.close()
 
 
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
 def test_sigterm_lets_streams_finish_then_stops_backends(swapd):
     s = swapd({"m1": model("--chunks", "20", "--interval", "0.1")})
     s.chat("m1")
@@ -111,11 +119,10 @@ def test_sigterm_lets_streams_finish_then_stops_backends(swapd):
 
     t = threading.Thread(target=consume)
     t.start()
-    time.sleep(0.5)
+    wait_until(lambda: s.running()["m1"]["in_flight"] == 1, message="the stream to be in flight")
     s.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", s.port), timeout=1).close()
+    wait_until(lambda: _refused(s.port), timeout=10, message="the listener to close")
+    assert t.is_alive(), "the listener closed while the stream still runs"
     t.join(30)
     status, _, events = result["stream"]
     assert status == 200 and events[-1][1] == "[DONE]", "the in-flight stream completed"
@@ -129,7 +136,7 @@ def test_sigterm_cuts_endless_stream_within_budget(swapd):
     result = {}
     t = threading.Thread(target=lambda: result.update(r=s.stream("m1", timeout=60)))
     t.start()
-    time.sleep(0.5)
+    wait_until(lambda: s.running()["m1"]["in_flight"] == 1, message="the stream to be in flight")
     t0 = time.monotonic()
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(40) == 0
@@ -328,7 +335,7 @@ def test_requests_during_shutdown_get_503_or_refused(swapd):
     wait_until(lambda: s.running()["m1"]["in_flight"] == 1, message="in flight")
     conn = socket.create_connection(("127.0.0.1", s.port), timeout=10)  # a kept-alive connection
     s.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_until(lambda: any(e.get("event") == "swapd.shutdown" for e in s.log_events()), message="shutdown to begin")
     body = json.dumps({"model": "m1", "messages": []}).encode()
     try:
         conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

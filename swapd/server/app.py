@@ -251,6 +251,7 @@ async def handle_status(request: web.Request) -> web.Response:
         "cpu_seconds": round(sum(proc.cpu_times()[:2]), 3),
         "swaps": rt.scheduler.swap_count,
         "queued": len(rt.scheduler.queued()),
+        "admitted": rt.scheduler.admitted(),
     })
 
 
