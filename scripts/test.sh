@@ -7,7 +7,8 @@
 #   cmake, g++       likewise, for building llama-server
 #   .venv-litellm    LiteLLM's proxy in its own virtualenv
 #   llama-server and SmolLM2's GGUF, via `swapd setup` (cached in ~/.cache/swapd)
-# then, with SWAPD_LINT=1, `ruff check swapd` and `mypy swapd` (either failing fails the script),
+# then `ruff check swapd`, `ruff format --check swapd` and `mypy swapd` (any failing fails the script;
+# SWAPD_LINT=0 skips them),
 # then runs pytest. Arguments are passed to pytest (e.g. -k nginx, -x).
 #
 # A step that fails only warns: the tests that need it then skip with a reason.
@@ -82,10 +83,11 @@ if ! swapd setup; then
 fi
 echo "took ${SECONDS}s so far"
 
-if [ "${SWAPD_LINT:-0}" = 1 ]; then
-    step "lint: ruff check swapd, mypy swapd (SWAPD_LINT=1)"
+if [ "${SWAPD_LINT:-1}" = 1 ]; then
+    step "lint: ruff check + format --check, mypy (SWAPD_LINT=0 skips)"
     lint_rc=0
     ruff check swapd || lint_rc=1
+    ruff format --check swapd || lint_rc=1
     mypy swapd || lint_rc=1
     if [ "$lint_rc" != 0 ]; then
         echo "scripts/test.sh: lint failed (ruff or mypy above); not running pytest" >&2

@@ -171,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     for warning in (*config.warnings, *setting_warnings):
         log.warning("config.warning", file=config.path, message=warning)
     if not config.models and not config.peers:
-        log.warning("config.no_models", file=config.path,
-                    message="the config defines no models (and no peers): every request for a model gets 404")
+        log.warning(
+            "config.no_models",
+            file=config.path,
+            message="the config defines no models (and no peers): every request for a model gets 404",
+        )
     try:
         args.loop_name, loop_factory = osutil.event_loop_factory(args.event_loop)
     except RuntimeError as exc:
@@ -222,8 +225,7 @@ async def serve(config, args) -> None:
     await runner.setup()
     host, port = args.listen
     try:
-        site = Listener(runner, host, port, header_timeout=config.client_limits.header_timeout,
-                        ssl_context=ssl_context)
+        site = Listener(runner, host, port, header_timeout=config.client_limits.header_timeout, ssl_context=ssl_context)
         await site.start()
     except OSError:
         await runner.cleanup()
@@ -246,8 +248,12 @@ async def serve(config, args) -> None:
 
     rt.listen_host = host  # a name given to --listen is an allowed Host (swapd.server.webguard)
     if unprotected_listen(host, config):
-        log.warning("swapd.unprotected", address=shown, detail="no apiKeys: anyone who can reach this "
-                    "address can use every model and /unload; set apiKeys, or listen on 127.0.0.1")
+        log.warning(
+            "swapd.unprotected",
+            address=shown,
+            detail="no apiKeys: anyone who can reach this "
+            "address can use every model and /unload; set apiKeys, or listen on 127.0.0.1",
+        )
     rt.log_sink = sink
     reloader = Reloader(rt, args.config, getattr(args, "config_dir", None))
     loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")

@@ -223,9 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             "nvml_available": True,
             "error": None,
             "driver_version": snapshot.driver,
-            "devices": [
-                {**asdict(d), "throttle_reasons": throttle_names(d.throttle)} for d in snapshot.devices
-            ],
+            "devices": [{**asdict(d), "throttle_reasons": throttle_names(d.throttle)} for d in snapshot.devices],
             "findings": [asdict(f) for f in findings],
             "attention": sum(f.attention for f in findings),
         }

@@ -208,9 +208,7 @@ class FakeBackend:
         stats = self.stats
         interval = self.args.interval
         crash_after = self.args.crash_after_chunks
-        resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         stats["streams_started"] += 1
 
@@ -220,17 +218,21 @@ class FakeBackend:
         sent = 0
 
         def chunk(choice: dict[str, Any], **extra: Any) -> bytes:
-            return b"data: " + _dumps(
-                {
-                    "id": cid,
-                    "object": obj,
-                    "created": created,
-                    "model": model,
-                    "choices": [choice],
-                    "x_sent_at": time.time(),
-                    **extra,
-                }
-            ).encode() + b"\n\n"
+            return (
+                b"data: "
+                + _dumps(
+                    {
+                        "id": cid,
+                        "object": obj,
+                        "created": created,
+                        "model": model,
+                        "choices": [choice],
+                        "x_sent_at": time.time(),
+                        **extra,
+                    }
+                ).encode()
+                + b"\n\n"
+            )
 
         try:
             if crash_after is not None and crash_after <= 0:
@@ -327,8 +329,15 @@ class FakeBackend:
                 digest.update(chunk)
                 size += len(chunk)
             files[part.name or ""] = {"filename": part.filename, "bytes": size, "sha256": digest.hexdigest()}
-        return _json({"text": "ok", "model": fields.get("model"), "fields": fields, "files": files,
-                      "content_length": request.content_length})
+        return _json(
+            {
+                "text": "ok",
+                "model": fields.get("model"),
+                "fields": fields,
+                "files": files,
+                "content_length": request.content_length,
+            }
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         return _json(
@@ -420,9 +429,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     backend = FakeBackend(args)
-    runner = web.AppRunner(
-        backend.make_app(), access_log=None, handle_signals=False, handler_cancellation=True
-    )
+    runner = web.AppRunner(backend.make_app(), access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()

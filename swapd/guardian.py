@@ -31,7 +31,7 @@ def _start_time(pid: int) -> str | None:
     except OSError:
         return None
     # the command name may contain spaces and parentheses; fields follow the last ')'
-    fields = stat[stat.rindex(b")") + 2:].split()
+    fields = stat[stat.rindex(b")") + 2 :].split()
     return fields[19].decode()
 
 

@@ -199,8 +199,11 @@ class StdlibBridge(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             exc = record.exc_info[1] if record.exc_info else None
-            kind = (record.name, record.msg if isinstance(record.msg, str) else type(record.msg).__name__,
-                    type(exc).__name__ if exc is not None else None)
+            kind = (
+                record.name,
+                record.msg if isinstance(record.msg, str) else type(record.msg).__name__,
+                type(exc).__name__ if exc is not None else None,
+            )
             now = time.monotonic()
             state = self._kinds.get(kind)
             if state is not None and now - state[0] < self.window:

@@ -156,9 +156,7 @@ def _pdeathsig_wrapper() -> str | None:
     return path if "--pdeathsig" in out else None
 
 
-def pdeathsig_command(
-    argv: Sequence[str], env: dict[str, str]
-) -> tuple[Sequence[str], Callable[[], None] | None]:
+def pdeathsig_command(argv: Sequence[str], env: dict[str, str]) -> tuple[Sequence[str], Callable[[], None] | None]:
     """The argv and preexec_fn that start ``argv`` with a parent-death SIGKILL.
 
     With util-linux's ``setpriv --pdeathsig KILL`` in front of the command

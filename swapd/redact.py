@@ -99,7 +99,7 @@ def _redact_words(text: str) -> str:
     mask_next = False
     for match in _TOKEN.finditer(text):
         word = match.group()
-        out.append(text[pos:match.start()])
+        out.append(text[pos : match.start()])
         pos = match.end()
         stripped = word.strip("'\"")
         if mask_next:

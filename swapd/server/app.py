@@ -93,14 +93,18 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _refused(request, error_response(request, exc.status, exc.reason or "error", headers=_allow_header(exc)),
-                        exc.reason)
+        return _refused(
+            request, error_response(request, exc.status, exc.reason or "error", headers=_allow_header(exc)), exc.reason
+        )
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         raise
     except Exception:
         log.exception("request.unhandled", path=request.path, method=request.method)
-        return _refused(request, error_response(request, 500, "internal error in swapd; see its log", "internal_error"),
-                        "internal_error")
+        return _refused(
+            request,
+            error_response(request, 500, "internal error in swapd; see its log", "internal_error"),
+            "internal_error",
+        )
     finally:
         if deadline is not None:
             deadline.request_finished()
@@ -161,15 +165,17 @@ async def handle_models(request: web.Request) -> web.Response:
                 data.append({**record, "id": alias, "meta": {"llamaswap": {"type": "alias", "modelID": model_id}}})
     for peer in config.peers.values():
         for peer_model in peer.models:
-            data.append({
-                "id": f"{peer.id}/{peer_model}",
-                "object": "model",
-                "created": created,
-                "owned_by": "swapd",
-                "name": f"{peer.id}: {peer_model}",
-                "status": {"value": "unloaded"},
-                "meta": {"llamaswap": {"type": "peer", "peerID": peer.id}},
-            })
+            data.append(
+                {
+                    "id": f"{peer.id}/{peer_model}",
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "swapd",
+                    "name": f"{peer.id}: {peer_model}",
+                    "status": {"value": "unloaded"},
+                    "meta": {"llamaswap": {"type": "peer", "peerID": peer.id}},
+                }
+            )
     data.sort(key=lambda r: r["id"])
     headers = {"Vary": "Origin"}  # the Origin is echoed; caches must key on it
     origin = request.headers.get("Origin")
@@ -240,19 +246,21 @@ async def handle_status(request: web.Request) -> web.Response:
 
     proc = psutil.Process()
     rt = request.app[RUNTIME]
-    return web.json_response({
-        "pid": proc.pid,
-        "event_loop": "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio",
-        "tasks": len(asyncio.all_tasks()),
-        "fds": proc.num_fds(),
-        "children": sorted(c.pid for c in proc.children()),
-        "guardian": CHILDREN.guardian.pid if CHILDREN.guardian is not None else None,
-        "rss_bytes": proc.memory_info().rss,
-        "cpu_seconds": round(sum(proc.cpu_times()[:2]), 3),
-        "swaps": rt.scheduler.swap_count,
-        "queued": len(rt.scheduler.queued()),
-        "admitted": rt.scheduler.admitted(),
-    })
+    return web.json_response(
+        {
+            "pid": proc.pid,
+            "event_loop": "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio",
+            "tasks": len(asyncio.all_tasks()),
+            "fds": proc.num_fds(),
+            "children": sorted(c.pid for c in proc.children()),
+            "guardian": CHILDREN.guardian.pid if CHILDREN.guardian is not None else None,
+            "rss_bytes": proc.memory_info().rss,
+            "cpu_seconds": round(sum(proc.cpu_times()[:2]), 3),
+            "swaps": rt.scheduler.swap_count,
+            "queued": len(rt.scheduler.queued()),
+            "admitted": rt.scheduler.admitted(),
+        }
+    )
 
 
 async def handle_not_found(request: web.Request) -> web.Response:
@@ -277,9 +285,7 @@ async def _preload(rt: Runtime) -> None:
 
 def create_app(config: Config) -> web.Application:
     # Outermost first: errors are rendered for everything, preflights need no key.
-    app = web.Application(
-        client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, access_middleware]
-    )
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, access_middleware])
     rt = app[RUNTIME] = Runtime(config)
     app[BODY_BUDGET] = BodyBudget()
 

@@ -94,8 +94,12 @@ async def access_middleware(request: web.Request, handler):
     if keys and request.path not in EXEMPT_PATHS:
         provided, header = extract_api_key(request)
         if not key_matches(provided, keys):
-            raise ClientError(401, "unauthorized: invalid or missing API key", "invalid_api_key",
-                              headers={"WWW-Authenticate": 'Basic realm="swapd"'})
+            raise ClientError(
+                401,
+                "unauthorized: invalid or missing API key",
+                "invalid_api_key",
+                headers={"WWW-Authenticate": 'Basic realm="swapd"'},
+            )
         # swapd's own key stops here: the relay leaves every header that carried it out
         # (a client may send it in both; each copy is dropped)
         request["swapd.credential"] = _carriers(request, provided, header)

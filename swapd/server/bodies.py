@@ -144,7 +144,7 @@ class TopLevelScanner:
                     pos = m.start() + 2
                     continue
                 pos = m.end()
-                text = bytes(buf[self._value_start:pos])
+                text = bytes(buf[self._value_start : pos])
                 if state == 2:
                     try:
                         self._key = json.loads(text)
@@ -187,7 +187,7 @@ class TopLevelScanner:
                 if m is None:
                     pos = n
                     break
-                self._take(bytes(buf[self._value_start:m.start()]))
+                self._take(bytes(buf[self._value_start : m.start()]))
                 if self.broken:
                     return
                 pos = m.start()

@@ -65,8 +65,15 @@ class ClientError(Exception):
     cut off mid-way, so what follows on the connection cannot be trusted).
     """
 
-    def __init__(self, status: int, message: str, code: str | None = None, *, close: bool = False,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        *,
+        close: bool = False,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message

@@ -77,9 +77,7 @@ def forward_headers(request: web.Request, drop: frozenset[str] = frozenset()) ->
     ``drop`` names more headers to leave out (lower case).
     """
     headers: CIMultiDict[str] = CIMultiDict()
-    connection_tokens = {
-        t.strip().lower() for t in request.headers.get("Connection", "").split(",") if t.strip()
-    }
+    connection_tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",") if t.strip()}
     used_credential = request.get("swapd.credential", frozenset())
     for name, value in request.headers.items():
         lname = name.lower()
@@ -119,17 +117,27 @@ class _AiohttpUpstream:
         self._resp.close()
 
 
-async def _open(rt_pool: UpstreamPool, session: aiohttp.ClientSession, request: web.Request, url: str, body,
-                headers: CIMultiDict, content_length: int | None, connect_timeout: float | None):
+async def _open(
+    rt_pool: UpstreamPool,
+    session: aiohttp.ClientSession,
+    request: web.Request,
+    url: str,
+    body,
+    headers: CIMultiDict,
+    content_length: int | None,
+    connect_timeout: float | None,
+):
     if url.startswith("http://"):
-        return await rt_pool.request(request.method, url, headers, body, content_length=content_length,
-                                     connect_timeout=connect_timeout)
+        return await rt_pool.request(
+            request.method, url, headers, body, content_length=content_length, connect_timeout=connect_timeout
+        )
     if content_length is not None:
         headers["Content-Length"] = str(content_length)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout) if connect_timeout else None
     # encoded=True: the path and query go out exactly as the client sent them
-    resp = await session.request(request.method, URL(url, encoded=True), data=body, headers=headers,
-                                 allow_redirects=False, timeout=timeout)
+    resp = await session.request(
+        request.method, URL(url, encoded=True), data=body, headers=headers, allow_redirects=False, timeout=timeout
+    )
     return _AiohttpUpstream(resp)
 
 
@@ -168,8 +176,9 @@ async def relay(
     except TimeoutError as exc:
         raise UpstreamError(504, f"model {model_id}: backend did not answer in time (timeouts)") from exc
     except UpstreamProtocolError as exc:
-        raise UpstreamError(502, f"model {model_id}: backend sent an invalid response: {exc}",
-                            "backend_bad_response") from exc
+        raise UpstreamError(
+            502, f"model {model_id}: backend sent an invalid response: {exc}", "backend_bad_response"
+        ) from exc
     except (UpstreamFault, aiohttp.ClientError, OSError) as exc:
         raise UpstreamError(502, f"model {model_id}: backend unreachable: {exc}") from exc
     if prepared is not None:
@@ -194,8 +203,9 @@ async def relay(
             try:
                 body_bytes = await upstream.read()
             except UpstreamFault as exc:
-                raise UpstreamError(502, f"model {model_id}: backend broke off its response: {exc}",
-                                    "backend_bad_response") from exc
+                raise UpstreamError(
+                    502, f"model {model_id}: backend broke off its response: {exc}", "backend_bad_response"
+                ) from exc
             out: CIMultiDict[str] = CIMultiDict()
             _copy_headers(upstream_headers, out, skip_length=True)
             clean = True
@@ -238,16 +248,22 @@ def _copy_headers(source: CIMultiDict[str], out: CIMultiDict[str], skip_length: 
         out.add(name, value)
 
 
-async def _broken_mid_response(request: web.Request, response: web.StreamResponse, model_id: str,
-                               exc: Exception, event_stream: bool) -> web.StreamResponse:
+async def _broken_mid_response(
+    request: web.Request, response: web.StreamResponse, model_id: str, exc: Exception, event_stream: bool
+) -> web.StreamResponse:
     """The backend died mid-response, after the status line went out.
 
     A streaming client is told in-band; then the connection is cut so no
     client mistakes a truncated body for a complete one.
     """
     if event_stream:
-        event = {"error": {"message": f"model {model_id}: backend failed mid-stream: {exc}",
-                           "type": "server_error", "code": "backend_failed"}}
+        event = {
+            "error": {
+                "message": f"model {model_id}: backend failed mid-stream: {exc}",
+                "type": "server_error",
+                "code": "backend_failed",
+            }
+        }
         try:
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
         except (ConnectionError, RuntimeError):
@@ -268,8 +284,13 @@ async def _relay_into(
                 detail = (await upstream.read(2000))[:2000].decode("utf-8", "replace")
             except UpstreamFault as exc:
                 detail = f"(body unreadable: {exc})"
-            event = {"error": {"message": f"model {model_id}: backend answered {upstream.status}: {detail}",
-                               "type": "server_error", "code": "backend_error"}}
+            event = {
+                "error": {
+                    "message": f"model {model_id}: backend answered {upstream.status}: {detail}",
+                    "type": "server_error",
+                    "code": "backend_error",
+                }
+            }
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             response["swapd.error"] = f"backend answered {upstream.status}"
         else:

@@ -222,8 +222,15 @@ async def forward_peer(
 ) -> web.StreamResponse:
     # a peer is another host: it gets its configured key or no credential at all, never the client's
     return await _relay_logged(
-        request, peer.proxy + path_qs, body, f"{peer.id} (peer)", time.monotonic(), {"peer": peer.id},
-        extra_headers=_own_key_headers(peer.api_key), drop_headers=CREDENTIAL_HEADERS, content_length=content_length,
+        request,
+        peer.proxy + path_qs,
+        body,
+        f"{peer.id} (peer)",
+        time.monotonic(),
+        {"peer": peer.id},
+        extra_headers=_own_key_headers(peer.api_key),
+        drop_headers=CREDENTIAL_HEADERS,
+        content_length=content_length,
     )
 
 
@@ -335,8 +342,12 @@ async def _handle_held_body(request: web.Request) -> web.StreamResponse:
         while chunk := await next_chunk(request, limits.body_idle_timeout):
             body += chunk
             if len(body) > limits.max_body_bytes:
-                raise ClientError(413, f"request body too large (limit {limits.max_body_bytes} bytes)",
-                                  "request_too_large", close=True)
+                raise ClientError(
+                    413,
+                    f"request body too large (limit {limits.max_body_bytes} bytes)",
+                    "request_too_large",
+                    close=True,
+                )
             if len(body) > reserved:  # chunked, or longer than declared
                 budget.reserve(len(body) - reserved, cap)
                 reserved = len(body)
@@ -371,8 +382,9 @@ async def _parse_off_loop(body: bytes | bytearray) -> dict:
     return await asyncio.to_thread(_parse_object, body)
 
 
-async def _route_json(request: web.Request, target: ModelConfig | tuple[PeerConfig, str], body, stream: bool
-                      ) -> web.StreamResponse:
+async def _route_json(
+    request: web.Request, target: ModelConfig | tuple[PeerConfig, str], body, stream: bool
+) -> web.StreamResponse:
     path_qs = request.raw_path
     if path_qs.startswith("/v/"):  # llama-swap's versionless aliases forward without the /v
         path_qs = path_qs[2:]
@@ -423,7 +435,7 @@ class FormFieldSniffer:
                 if header_end == -1:
                     self.pos = pos
                     return None
-                headers = bytes(buf[pos + len(delim):header_end])
+                headers = bytes(buf[pos + len(delim) : header_end])
                 match = _NAME_RE.search(headers)
                 self.is_target = bool(match and match.group(1) == self.field and b"filename=" not in headers.lower())
                 self.value_start = self.scan = header_end + 4
@@ -456,12 +468,15 @@ async def handle_multipart_model(request: web.Request) -> web.StreamResponse:
             break
         buf += chunk
         if len(buf) > sniff_limit:
-            raise ClientError(413, f"the multipart 'model' field must come within the first {sniff_limit} bytes",
-                              "model_field_too_late")
+            raise ClientError(
+                413,
+                f"the multipart 'model' field must come within the first {sniff_limit} bytes",
+                "model_field_too_late",
+            )
         span = sniffer.feed(buf)
     if span is None:
         raise ClientError(400, "the multipart form has no 'model' field", "model_not_found")
-    requested = buf[span[0]:span[1]].decode("utf-8", "replace").strip()
+    requested = buf[span[0] : span[1]].decode("utf-8", "replace").strip()
     target = _lookup(request.app[RUNTIME].config, requested)
     new_name = None
     if isinstance(target, ModelConfig):
@@ -472,7 +487,7 @@ async def handle_multipart_model(request: web.Request) -> web.StreamResponse:
     if new_name:
         encoded = new_name.encode()
         delta = len(encoded) - (span[1] - span[0])
-        buf[span[0]:span[1]] = encoded
+        buf[span[0] : span[1]] = encoded
     content_length = request.content_length + delta if request.content_length is not None else None
 
     # the sniffed prefix goes out as is, then the rest as it arrives: never copied
@@ -486,7 +501,7 @@ async def handle_upstream(request: web.Request) -> web.StreamResponse:
     """/upstream/<model>/<path>: talk to a backend's own endpoints, starting it if needed."""
     config = request.app[RUNTIME].config
     raw_path = request.raw_path.split("?", 1)[0]
-    segments = raw_path[len("/upstream/"):].split("/")
+    segments = raw_path[len("/upstream/") :].split("/")
     found = None
     for i in range(1, len(segments) + 1):
         name = unquote("/".join(segments[:i]))

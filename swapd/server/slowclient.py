@@ -201,6 +201,8 @@ async def stream_body(
 def check_declared_length(request: web.Request, limit: int) -> None:
     if request.content_length is not None and request.content_length > limit:
         raise ClientError(
-            413, f"request body too large ({request.content_length} bytes; limit {limit})", "request_too_large",
+            413,
+            f"request body too large ({request.content_length} bytes; limit {limit})",
+            "request_too_large",
             close=True,
         )
