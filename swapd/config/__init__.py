@@ -20,7 +20,18 @@ from ._keys import (
 )
 from ._load import load_config, load_config_text
 from ._merge import config_dir_files, config_sources, load_config_sources
-from ._model import DEFAULT_GROUP_ID, PID_PLACEHOLDER, Config, Filters, GroupConfig, ModelConfig, PeerConfig, Timeouts
+from ._model import (
+    DEFAULT_GROUP_ID,
+    PID_PLACEHOLDER,
+    Config,
+    Filters,
+    GroupConfig,
+    ModelConfig,
+    PeerConfig,
+    Timeouts,
+    VramSettings,
+)
+from ._vram import parse_vram_size
 
 __all__ = [
     "Config",
@@ -34,6 +45,7 @@ __all__ = [
     "GroupConfig",
     "PeerConfig",
     "Timeouts",
+    "VramSettings",
     "MIN_HEALTH_CHECK_TIMEOUT",
     "ModelConfig",
     "PID_PLACEHOLDER",
@@ -42,4 +54,5 @@ __all__ = [
     "config_dir_files",
     "config_sources",
     "load_config_text",
+    "parse_vram_size",
 ]

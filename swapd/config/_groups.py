@@ -44,10 +44,20 @@ def _build_groups(
             "key 'routing.router.use: matrix' is accepted but not implemented by swapd yet; "
             "it is ignored and every model is placed in the default group"
         )
+    elif use == "vram":
+        if settings.get("groups"):
+            ctx.fail(
+                "is not used by the vram router, which runs models side by side while they fit and stops "
+                "the least recently used idle one to make room; remove it (keep a model loaded with "
+                "routing.router.settings.vram.pinned, or use 'use: group' to keep your groups)",
+                None,
+                "routing.router.settings.groups",
+            )
+        groups_in, groups_key = None, "routing.router.settings.groups"
     elif use in ("group", ""):
         groups_in, groups_key = settings.get("groups"), "routing.router.settings.groups"
     else:
-        ctx.fail(f"unknown router {use!r} (expected 'group' or 'matrix')", None, "routing.router.use")
+        ctx.fail(f"unknown router {use!r} (expected 'group', 'matrix' or 'vram')", None, "routing.router.use")
 
     if matrix is not None and groups_in:
         ctx.fail("'groups' and 'matrix' cannot both be used", None, "matrix")

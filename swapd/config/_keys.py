@@ -103,6 +103,7 @@ KNOWN_MODEL_KEYS = (
     "capabilities",
     "healthCheckTimeout",
     "apiKey",  # swapd addition: the backend's own key, sent instead of the client's credential
+    "vram",  # swapd addition: the declared VRAM footprint (the vram router)
 )
 
 KNOWN_GROUP_KEYS = ("swap", "exclusive", "persistent", "members")

@@ -37,6 +37,7 @@ from ._keys import (
 from ._model import ClientLimits, Config, ModelConfig, PeerConfig
 from ._models import _build_filters, _build_model, _check_url, _collect_aliases
 from ._reader import _Context, _describe, _Reader, _unknown_key_message
+from ._vram import vram_router
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -183,6 +184,7 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         )
 
     groups = _build_groups(ctx, expanded, list(raw_models), aliases)
+    vram_router_settings = vram_router(ctx, expanded, raw_models, aliases)
     _check_scheduler(ctx, expanded, raw_models, aliases)
     peers = _build_peers(ctx, top)
     priority = _fifo_priority(expanded, aliases, models)
@@ -221,6 +223,7 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         include_aliases_in_list=include_aliases,
         vram_check=vram_check,
         vram_check_timeout=vram_check_timeout,
+        vram_router=vram_router_settings,
     )
 
 

@@ -82,11 +82,31 @@ class ModelConfig:
     send_loading_state: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
     api_key: str = ""  # swapd addition: sent to the backend as its own Bearer key; never shown
+    # swapd addition: the declared VRAM footprint in MiB: on each of the model's GPUs (a float),
+    # or per GPU index (pairs); None when not declared (the vram router then measures or estimates)
+    vram: float | tuple[tuple[int, float], ...] | None = None
+
+    def env_value(self, name: str) -> str | None:
+        """The last value ``env`` gives ``name``, or None."""
+        found = None
+        for key, value in self.env:
+            if key == name:
+                found = value
+        return found
 
     def stop_command(self, pid: int) -> tuple[str, ...]:
         """cmd_stop with every ``${PID}`` occurrence replaced by ``pid``."""
         text = str(pid)
         return tuple(arg.replace(PID_PLACEHOLDER, text) for arg in self.cmd_stop)
+
+
+@dataclass(frozen=True)
+class VramSettings:
+    """``routing.router.settings.vram``: the memory-aware router's knobs."""
+
+    reserve_mib: float = 512.0  # kept free on every GPU
+    models_max: int = 0  # most models running at once; 0 = no cap
+    pinned: tuple[str, ...] = ()  # never stopped to make room (real model ids)
 
 
 @dataclass(frozen=True)
@@ -123,6 +143,8 @@ class Config:
     # GPU memory verification after every stop (swapd.gpu): "off", "warn" or "strict".
     vram_check: str = "warn"
     vram_check_timeout: float = 10.0
+    # routing.router.use: "vram" sets this (swapd.vram_router reads it); None under groups or matrix
+    vram_router: VramSettings | None = None
 
     def resolve(self, name: str) -> ModelConfig | None:
         """Find a model by id, or failing that by alias."""

@@ -22,6 +22,7 @@ from ._keys import (
 )
 from ._model import Filters, ModelConfig, Timeouts
 from ._reader import _Context, _describe, _Reader, _unknown_key_message
+from ._vram import model_vram
 
 
 def _argv(ctx: _Context, model_id: str, key: str, text: str) -> list[str]:
@@ -192,7 +193,9 @@ def _build_model(
         "metadata": copy.deepcopy(metadata),
         "api_key": reader.str("apiKey", ""),
     }
-    fingerprint = _fingerprint({**fields, "raw": model})
+    # The declared footprint guides scheduling only: changing it never restarts the model.
+    fingerprint = _fingerprint({**fields, "raw": {k: v for k, v in model.items() if k != "vram"}})
+    fields["vram"] = model_vram(ctx, model_id, model)
     return ModelConfig(
         **fields,
         fingerprint=fingerprint,
