@@ -1066,6 +1066,7 @@ def test_groups_under_routing_router_settings():
     )
     assert cfg.groups["g1"].members == ("gemma", "qwen")
     assert cfg.groups[DEFAULT_GROUP_ID].members == ()
+    assert cfg.router == "group" and cfg.matrix is None  # use: group leaves the matrix inactive
     assert cfg.warnings == ()
 
 
@@ -1089,7 +1090,7 @@ def test_routing_validation(extra, key, needle):
     assert err.key == key and needle in err.message
 
 
-def test_matrix_routing_falls_back_to_the_default_group_with_a_warning():
+def test_matrix_routing_is_compiled_and_keeps_the_default_group():
     cfg = load(
         """
         models:
@@ -1105,7 +1106,8 @@ def test_matrix_routing_falls_back_to_the_default_group_with_a_warning():
         """
     )
     assert cfg.groups[DEFAULT_GROUP_ID].members == ("gemma", "qwen")
-    assert len(cfg.warnings) == 1 and "matrix" in cfg.warnings[0] and "not implemented" in cfg.warnings[0]
+    assert cfg.router == "matrix" and cfg.matrix.set_names == ("combo",)
+    assert cfg.warnings == ()  # see tests/test_matrix.py for the matrix itself
 
 
 def test_fifo_priority_may_name_models_and_aliases():
@@ -1353,7 +1355,7 @@ def test_unknown_keys_warn_with_a_suggestion():
 
 
 def test_not_implemented_keys_each_warn_once():
-    names = ["matrix", "profiles", "selectors", "captureBuffer", "store", "performance", "ui",
+    names = ["profiles", "selectors", "captureBuffer", "store", "performance", "ui",
              "metricsMaxInMemory", "logRequests"]
     body = "\n".join(f"{name}: {{}}" if name not in ("captureBuffer", "metricsMaxInMemory", "logRequests")
                      else f"{name}: 1" for name in names)

@@ -1,18 +1,53 @@
-"""llama-swap's groups and the FIFO scheduler's settings."""
+"""llama-swap's groups, the matrix block (compiled by swapd.matrix) and the FIFO scheduler's settings."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from ._keys import KNOWN_GROUP_KEYS
+from ._keys import KNOWN_GROUP_KEYS, KNOWN_MATRIX_KEYS
 from ._model import DEFAULT_GROUP_ID, GroupConfig
 from ._reader import _Context, _describe, _Reader, _unknown_key_message
 
 
+class _Routing(NamedTuple):
+    groups: dict[str, GroupConfig]
+    router: str  # "group", "matrix" or "vram"
+    matrix: Any  # swapd.matrix.MatrixProgram, or None
+
+
+def _build_matrix(ctx: _Context, node: Any, key: str, model_ids: list[str]) -> Any:
+    """Read and compile one ``matrix`` block (at config key ``key``) into a MatrixProgram."""
+    # imported here: swapd.matrix imports swapd.router, which imports this package
+    from swapd.matrix import MatrixError, compile_matrix
+
+    if not isinstance(node, dict):
+        ctx.fail(f"expected a mapping with vars, evict_costs and sets, got {_describe(node)}", None, key)
+    for name in node:
+        if name not in KNOWN_MATRIX_KEYS:
+            ctx.warn(f"key '{key}': {_unknown_key_message(name, KNOWN_MATRIX_KEYS)}")
+    reader = _Reader(ctx, node, prefix=key + ".")
+    raw_vars = reader.mapping_of("vars")
+    vars_reader = _Reader(ctx, raw_vars, prefix=f"{key}.vars.")
+    variables = {name: vars_reader.str(name, "") for name in raw_vars}
+    raw_costs = reader.mapping_of("evict_costs")
+    costs: dict[str, int] = {}
+    for name, value in raw_costs.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            ctx.fail(f"expected a positive integer, got {_describe(value)}", None, f"{key}.evict_costs.{name}")
+        costs[name] = value
+    raw_sets = reader.mapping_of("sets")
+    sets_reader = _Reader(ctx, raw_sets, prefix=f"{key}.sets.")
+    sets = [(name, sets_reader.str(name, "")) for name in raw_sets]
+    try:
+        return compile_matrix(sets, model_ids, variables, costs, key_prefix=key)
+    except MatrixError as err:
+        ctx.fail(err.message, None, err.key)
+
+
 def _build_groups(
     ctx: _Context, expanded: dict[str, Any], model_ids: list[str], aliases: Mapping[str, str]
-) -> dict[str, GroupConfig]:
+) -> _Routing:
     top = _Reader(ctx, expanded)
     routing = top.mapping_of("routing")
     routing_reader = _Reader(ctx, routing, prefix="routing.")
@@ -33,17 +68,14 @@ def _build_groups(
             "routing.router",
         )
 
-    matrix = None
+    matrix, matrix_key = None, "matrix"
     if has_legacy:
         groups_in, groups_key, matrix = top_groups, "groups", top_matrix
     elif use == "matrix":
         if settings.get("matrix") is None:
             ctx.fail("is 'matrix' but routing.router.settings.matrix is not set", None, "routing.router.use")
-        groups_in, groups_key, matrix = None, "routing.router.settings.groups", settings["matrix"]
-        ctx.warn(
-            "key 'routing.router.use: matrix' is accepted but not implemented by swapd yet; "
-            "it is ignored and every model is placed in the default group"
-        )
+        groups_in, groups_key = None, "routing.router.settings.groups"
+        matrix, matrix_key = settings["matrix"], "routing.router.settings.matrix"
     elif use == "vram":
         if settings.get("groups"):
             ctx.fail(
@@ -61,8 +93,12 @@ def _build_groups(
 
     if matrix is not None and groups_in:
         ctx.fail("'groups' and 'matrix' cannot both be used", None, "matrix")
+    program = None
     if matrix is not None:
-        groups_in = None  # matrix routing not implemented: fall back to the default group
+        # a matrix under routing.router.settings with use: group is inactive and, as
+        # in llama-swap, not validated; an active one is compiled here
+        program = _build_matrix(ctx, matrix, matrix_key, model_ids)
+        groups_in = None  # config.groups keeps the default group, holding every model
     if groups_in is None:
         groups_in = {}
     if not isinstance(groups_in, dict):
@@ -118,7 +154,8 @@ def _build_groups(
             if member in aliases:
                 ctx.fail(f"'{member}' is an alias of model '{aliases[member]}'; groups must list model ids", None, key)
             ctx.warn(f"key '{key}': '{member}' is not a defined model; ignored")
-    return groups
+    router_name = "matrix" if program is not None else "vram" if use == "vram" else "group"
+    return _Routing(groups, router_name, program)
 
 
 def _check_scheduler(

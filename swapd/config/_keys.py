@@ -69,7 +69,6 @@ _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "
 
 # Accepted, but swapd does not act on them (yet).
 NOT_IMPLEMENTED_KEYS = (
-    "matrix",
     "profiles",
     "selectors",
     "captureBuffer",
@@ -107,6 +106,7 @@ KNOWN_MODEL_KEYS = (
 )
 
 KNOWN_GROUP_KEYS = ("swap", "exclusive", "persistent", "members")
+KNOWN_MATRIX_KEYS = ("vars", "evict_costs", "sets")
 
 
 # ------------------------------------------------------------------- helpers

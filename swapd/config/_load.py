@@ -183,7 +183,7 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
             global_send_loading_state=send_loading_state,
         )
 
-    groups = _build_groups(ctx, expanded, list(raw_models), aliases)
+    routing = _build_groups(ctx, expanded, list(raw_models), aliases)
     vram_router_settings = vram_router(ctx, expanded, raw_models, aliases)
     _check_scheduler(ctx, expanded, raw_models, aliases)
     peers = _build_peers(ctx, top)
@@ -209,7 +209,7 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         global_ttl=float(global_ttl),
         unload_timeout=float(unload_timeout),
         models=MappingProxyType(models),
-        groups=MappingProxyType(groups),
+        groups=MappingProxyType(routing.groups),
         aliases=MappingProxyType(dict(aliases)),
         raw=MappingProxyType(expanded),
         warnings=tuple(ctx.warnings),
@@ -224,6 +224,8 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         vram_check=vram_check,
         vram_check_timeout=vram_check_timeout,
         vram_router=vram_router_settings,
+        router=routing.router,
+        matrix=routing.matrix,
     )
 
 

@@ -145,6 +145,10 @@ class Config:
     vram_check_timeout: float = 10.0
     # routing.router.use: "vram" sets this (swapd.vram_router reads it); None under groups or matrix
     vram_router: VramSettings | None = None
+    # Which router decides evictions: "group" (llama-swap's groups), "matrix" or "vram".
+    router: str = "group"
+    # The compiled matrix (swapd.matrix.MatrixProgram) when router == "matrix", else None.
+    matrix: Any = None
 
     def resolve(self, name: str) -> ModelConfig | None:
         """Find a model by id, or failing that by alias."""
