@@ -305,7 +305,7 @@ def _flatten(witness: _Witness) -> tuple[str, ...]:
 class MatrixProgram:
     """A compiled, immutable matrix. Safe to share; every query has its own scratch state."""
 
-    __slots__ = ("_sets", "_nodes", "_bits", "evict_costs")
+    __slots__ = ("_sets", "_nodes", "_bits", "_costs")
 
     def __init__(
         self,
@@ -317,7 +317,12 @@ class MatrixProgram:
         self._sets = sets  # (name, dsl, root) in solving order
         self._nodes = nodes
         self._bits = bits  # model id -> bit number, for every model some set names
-        self.evict_costs: Mapping[str, int] = evict_costs  # model id -> cost (absent: 1)
+        self._costs = evict_costs
+
+    @property
+    def evict_costs(self) -> Mapping[str, int]:
+        """Model id -> eviction cost (read-only); a model not listed costs 1."""
+        return self._costs
 
     def __repr__(self) -> str:
         return f"MatrixProgram(sets={list(self.set_names)!r}, models={len(self._bits)})"
