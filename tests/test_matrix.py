@@ -676,6 +676,34 @@ def test_config_numeric_scalars_are_read_as_names():
     assert cfg.matrix.solve("7", []).set_name == "s"
 
 
+def test_the_example_in_docs_scheduling_matrix():
+    cfg = load(
+        """
+        models:
+          gemma: {cmd: "llama-server --port ${PORT} -m gemma.gguf"}
+          qwen: {cmd: "llama-server --port ${PORT} -m qwen.gguf"}
+          voxtral: {cmd: "vllm serve voxtral --port ${PORT}"}
+          llama-70b: {cmd: "llama-server --port ${PORT} -m llama-70b.gguf"}
+        matrix:
+          vars: {g: gemma, q: qwen, v: voxtral}
+          evict_costs: {v: 50}
+          sets:
+            standard: "(g | q) & v"
+            full: "llama-70b"
+        """
+    )
+    table = [
+        ([], "gemma", "standard", (), 0),
+        (["gemma", "voxtral"], "qwen", "standard", ("gemma",), 1),
+        (["qwen", "voxtral"], "llama-70b", "full", ("qwen", "voxtral"), 51),
+        (["llama-70b"], "voxtral", "standard", ("llama-70b",), 1),
+    ]
+    for run, target, set_name, evicted, cost in table:
+        result = cfg.matrix.solve(target, run)
+        assert (result.set_name, result.evict, result.cost) == (set_name, evicted, cost)
+        assert decide(cfg, target, *run) == evicted
+
+
 # ------------------------------------------------------------------ MatrixRouter (llama-swap router/matrix_test.go)
 
 
