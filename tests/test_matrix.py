@@ -610,6 +610,11 @@ def test_config_without_matrix_is_group_routing():
     assert cfg.group_of("gemma").id == DEFAULT_GROUP_ID
 
 
+def test_config_use_vram_names_its_router_and_has_no_matrix():
+    cfg = load(TWO_MODELS + "routing:\n  router:\n    use: vram\n")
+    assert cfg.router == "vram" and cfg.matrix is None
+
+
 def test_config_groups_and_matrix_together_fail():
     err = load_error(TWO_MODELS + "groups:\n  g1:\n    members: [gemma]\nmatrix:\n  sets:\n    s: gemma\n")
     assert "cannot both be used" in err.message and err.key == "matrix"
