@@ -529,7 +529,7 @@ class LlamaFlags:
     problems: tuple[str, ...] = ()  # values llama-server would refuse
 
     def display(self) -> dict[str, Any]:
-        """What is worth showing next to an estimate (only what was set)."""
+        """What is worth showing next to an estimate: -c, -ngl, -np and the like only when set."""
         shown = {
             "ctx_size": self.ctx_size,
             "n_gpu_layers": {-1: "auto", -2: "all"}.get(self.n_gpu_layers or 0, self.n_gpu_layers),
