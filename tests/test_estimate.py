@@ -443,7 +443,8 @@ def test_missing_keys_and_odd_files(tmp_path):
     os.mkfifo(fifo)
     done = threading.Event()
     result = []
-    threading.Thread(target=lambda: (result.append(estimate_or_reason([SERVER, "-m", str(fifo)])), done.set())).start()
+    read = lambda: (result.append(estimate_or_reason([SERVER, "-m", str(fifo)])), done.set())  # noqa: E731
+    threading.Thread(target=read, daemon=True).start()
     assert done.wait(5), "the reader blocked on a FIFO"
     assert "not a regular file" in result[0]
 

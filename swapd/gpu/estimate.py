@@ -901,7 +901,7 @@ def _footprint(flags: LlamaFlags, headers: list[GgufHeader]) -> Estimate:
     for il in range(first_gpu if gpu and flags.kv_offload else n_layer, n_layer):
         kv += cells * _row_bytes(k_type, hp.n_head_kv(il) * hp.key_length)
         kv += cells * _row_bytes(v_type, hp.n_head_kv(il) * hp.value_length)
-    if hp.sliding_window:
+    if hp.sliding_window and not flags.swa_full:
         notes.append("sliding-window layers counted at full context (llama.cpp keeps them smaller)")
     if hp.n_head == 0:
         notes.append("no attention heads: a recurrent model's state is not counted")
