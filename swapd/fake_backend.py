@@ -378,16 +378,18 @@ class FakeBackend:
 # -- process-level behaviours ---------------------------------------------------
 
 
-def _write_vram_state(pid: int, mib: int) -> None:
+def _write_vram_state(pid: int, mib: int, devices: list[int] | None = None) -> None:
+    """Claim ``mib`` on each GPU in ``devices`` (default GPU 0) in the NVML stub's state."""
     state_dir = os.environ.get("SWAPD_STUB_NVML_STATE")
-    if not state_dir:
+    if not state_dir or mib <= 0:
         return
     os.makedirs(state_dir, exist_ok=True)
-    path = os.path.join(state_dir, str(pid))
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(str(mib))
-    os.replace(tmp, path)
+    for device in devices or [0]:
+        path = os.path.join(state_dir, str(pid) if device == 0 else f"{pid}@{device}")
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(mib))
+        os.replace(tmp, path)
 
 
 def _fork_child(setsid: bool) -> int:
@@ -420,6 +422,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-lines", type=int, default=0, help="print N lines to stdout at startup")
     p.add_argument("--exit-after", type=float, default=None, help="exit with code 4 after SECONDS")
     p.add_argument("--vram-mib", type=int, default=0, help="VRAM (MiB) reported via $SWAPD_STUB_NVML_STATE")
+    p.add_argument(
+        "--vram-device",
+        type=int,
+        action="append",
+        default=None,
+        help="GPU of that memory (repeatable; default 0)",
+    )
+    p.add_argument("--vram-grow-mib", type=int, default=0, help="claim this much more VRAM after --vram-grow-after")
+    p.add_argument("--vram-grow-after", type=float, default=1.0, help="seconds after listening (see --vram-grow-mib)")
     p.add_argument("--quiet", action="store_true", help="don't log each request")
     p.add_argument(
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes, like llama-server"
@@ -434,6 +445,11 @@ async def serve(args: argparse.Namespace) -> None:
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
     _out(f"fake_backend: listening on {args.host}:{args.port} pid {os.getpid()}")
+    if args.vram_grow_mib > 0:
+        grown = args.vram_mib + args.vram_grow_mib
+        asyncio.get_running_loop().call_later(
+            args.vram_grow_after, _write_vram_state, os.getpid(), grown, args.vram_device
+        )
 
     if args.exit_after is not None:
 
@@ -459,11 +475,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.log_lines > 0:
         sys.stdout.write("".join(f"fake_backend: log line {i}\n" for i in range(args.log_lines)))
         sys.stdout.flush()
-    _write_vram_state(os.getpid(), args.vram_mib)
+    _write_vram_state(os.getpid(), args.vram_mib, args.vram_device)
     if args.fork_child or args.fork_child_setsid:
         # Before SIG_IGN below, so the child keeps default signal dispositions.
         child_pid = _fork_child(args.fork_child_setsid)
-        _write_vram_state(child_pid, args.vram_mib)
+        _write_vram_state(child_pid, args.vram_mib, args.vram_device)
         _out(f"fake_backend: child pid {child_pid}")
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -14,7 +14,7 @@ persistent), swapd's default. Other rules (a memory-aware router, llama-swap's
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from swapd.config import Config
@@ -31,11 +31,27 @@ class RunningModel(NamedTuple):
     state: str = "ready"  # the backend's state value; "swapping" while a swap brings it in
 
 
+class Eviction(NamedTuple):
+    """Why one model is in a decision's ``evict`` (logged as ``scheduler.evict``)."""
+
+    reason: str  # "group", "matrix", "removed"; the vram router: "vram", "count", "unknown_footprint"
+    idle_seconds: float | None = None  # since its last use; None when never used
+    mib: float | None = None  # the memory the router counted it holding
+
+
 @dataclass(frozen=True)
 class Decision:
-    """What must happen before ``target`` may run: these models stop, in this order."""
+    """What must happen before ``target`` may run: these models stop, in this order.
+
+    ``refuse`` is set when the target can never run here as things stand (the
+    vram router: its footprint exceeds the GPU's budget); the scheduler answers
+    its requests with 503 and that message. ``why`` explains evictions, when
+    the router says more than the order.
+    """
 
     evict: tuple[str, ...] = ()
+    refuse: str | None = None
+    why: Mapping[str, Eviction] = field(default_factory=dict)
 
 
 class Router(Protocol):

@@ -25,8 +25,11 @@ from typing import Protocol
 
 from swapd.backend import CHILDREN, Backend, StartError, State, StopReport
 from swapd.config import Config
+from swapd.footprints import FootprintBook
 from swapd.logging import get_logger
-from swapd.router import GroupRouter, Router, RunningModel
+from swapd.matrix import MatrixRouter
+from swapd.router import Decision, Eviction, GroupRouter, Router, RunningModel
+from swapd.vram_router import MemoryView, VramRouter
 
 log = get_logger("swapd.scheduler")
 
@@ -58,6 +61,21 @@ class StopGuard(Protocol):
         self, backend: Backend, reason: str, do_stop: Callable[[], Awaitable[StopReport]]
     ) -> StopReport:
         """Call ``do_stop`` exactly once and return its report (measuring around it)."""
+        ...
+
+
+class MemorySource(Protocol):
+    """What the vram router reads about GPU memory (swapd.gpu's verifier implements it)."""
+
+    @property
+    def footprints(self) -> FootprintBook: ...
+
+    def memory_view(self) -> MemoryView | None:
+        """The latest attributed NVML reading; None without NVML."""
+        ...
+
+    async def refresh_memory(self) -> None:
+        """Read NVML now, so the next ``memory_view`` is fresh."""
         ...
 
 
@@ -110,6 +128,12 @@ class _Swap:
     evict: list[str]
     waiters: list[_Request]
     task: asyncio.Task | None = None
+    why: Mapping[str, Eviction] = field(default_factory=dict)
+    memory_aware: bool = False  # the vram router decided: recheck the fit with fresh numbers before starting
+
+
+class _NeedsRoom(Exception):
+    """Fresh NVML numbers say the target no longer fits: its waiters go back to the queue."""
 
 
 def _guarded(
@@ -124,7 +148,12 @@ def _guarded(
 class Scheduler:
     def __init__(self, runtime: RuntimeView, router: Router | None = None) -> None:
         self._runtime = runtime
-        self.router: Router = router if router is not None else GroupRouter()
+        self._router_override = router
+        self._group_router = GroupRouter()
+        self._matrix_router = MatrixRouter()
+        self._memory: MemorySource | None = None
+        self._book = FootprintBook()  # replaced by the memory source's book (set_memory_source)
+        self._vram_router = VramRouter(self._book, self._memory_view, self._loaded)
         self._last_used: dict[str, float] = {}
         self._active: dict[str, _Swap] = {}
         self._queue: list[_Request] = []
@@ -149,6 +178,41 @@ class Scheduler:
         """Wrap every stop of a running backend in ``guard.stop_guard``; the first
         registered guard is the outermost."""
         self._stop_guards.append(guard)
+
+    def set_memory_source(self, source: MemorySource) -> None:
+        """Where the vram router reads footprints and GPU memory (swapd.gpu registers itself)."""
+        self._memory = source
+        self._book = source.footprints
+        self._vram_router = VramRouter(self._book, self._memory_view, self._loaded)
+
+    @property
+    def footprints(self) -> FootprintBook:
+        return self._book
+
+    @property
+    def router(self) -> Router:
+        """The rule the config asks for: ``routing.router.use`` (group, matrix or vram)."""
+        if self._router_override is not None:
+            return self._router_override
+        kind = self.config.router
+        if kind == "vram":
+            return self._vram_router
+        if kind == "matrix":
+            return self._matrix_router
+        return self._group_router
+
+    def _memory_view(self) -> MemoryView | None:
+        return None if self._memory is None else self._memory.memory_view()
+
+    def _loaded(self, model_id: str) -> bool:
+        backend = self.backends.get(model_id)
+        return backend is not None and backend.state in (State.READY, State.STARTING)
+
+    def memory_budget(self) -> dict[int, dict[str, float]]:
+        """Per GPU, what the vram router counts and the budget it has left (empty otherwise)."""
+        if self.config.router != "vram":
+            return {}
+        return self._vram_router.budget(self.config, self._running_set(""))
 
     # -- the runtime's state, read through -----------------------------------
     @property
@@ -304,9 +368,9 @@ class Scheduler:
     def _running_model(self, model_id: str, state: str) -> RunningModel:
         return RunningModel(model_id, self._in_flight.get(model_id, 0), self._last_used.get(model_id), state)
 
-    def _eviction_for(self, target: str) -> list[str]:
-        """Models that must stop before ``target`` may run (the router decides)."""
-        return list(self.router.decide(target, self._running_set(target), self.config).evict)
+    def _decision_for(self, target: str) -> Decision:
+        """What must happen before ``target`` may run (the router decides)."""
+        return self.router.decide(target, self._running_set(target), self.config)
 
     def _collides(self, target: str, evict: list[str]) -> bool:
         for other, swap in self._active.items():
@@ -323,7 +387,12 @@ class Scheduler:
             swap.waiters.append(req)
             return True
         backend = self.backends[req.model]
-        evict = self._eviction_for(req.model)
+        decision = self._decision_for(req.model)
+        evict = list(decision.evict)
+        if decision.refuse is not None:
+            log.warning("scheduler.refused", model=req.model, reason=decision.refuse)
+            self._grant_error(req, SchedulerError(503, decision.refuse, "model_does_not_fit", {"Retry-After": "30"}))
+            return True
         if backend.state is State.READY and not evict and not self._collides(req.model, evict):
             self._grant(req)
             return True
@@ -331,7 +400,7 @@ class Scheduler:
             return False
         if any(self._in_flight.get(m, 0) > 0 for m in evict):
             return False
-        self._start_swap(req, evict)
+        self._start_swap(req, evict, decision)
         return True
 
     def _on_request(self, req: _Request) -> None:
@@ -441,20 +510,43 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _start_swap(self, req: _Request, evict: list[str]) -> None:
-        swap = _Swap(req.model, evict, [req])
+    def _start_swap(self, req: _Request, evict: list[str], decision: Decision) -> None:
+        memory_aware = self.router is self._vram_router
+        swap = _Swap(req.model, evict, [req], why=decision.why, memory_aware=memory_aware)
         self._active[req.model] = swap
         if evict:
             log.info("scheduler.swap", target=req.model, evict=evict)
         swap.task = self._spawn(self._run_swap(swap))
 
+    async def _evict(self, swap: _Swap, model_id: str) -> None:
+        why = swap.why.get(model_id)
+        report = await self._stop(model_id, "evict" if swap.memory_aware else "swap")
+        if why is not None and swap.memory_aware:
+            log.info(
+                "scheduler.evict",
+                model=model_id,
+                for_model=swap.target,
+                reason=why.reason,
+                idle_seconds=why.idle_seconds,
+                counted_mib=why.mib,
+                freed_mib=report.vram_freed_mib,
+            )
+
     async def _run_swap(self, swap: _Swap) -> None:
         t0 = time.monotonic()
         err: Exception | None = None
+        requeue = False
         try:
             if swap.evict:
-                await asyncio.gather(*(self._stop(m, "swap") for m in swap.evict))
+                await asyncio.gather(*(self._evict(swap, m) for m in swap.evict))
             backend = self.backends[swap.target]
+            if swap.memory_aware and backend.state is not State.READY and self._memory is not None:
+                # The decision used the last reading; the stops above were verified. Decide again on
+                # fresh numbers (another process may have taken memory) before anything starts.
+                await self._memory.refresh_memory()
+                again = self._decision_for(swap.target)
+                if again.evict or again.refuse is not None:
+                    raise _NeedsRoom()
             if backend.state is not State.READY:
                 await self._stop(swap.target, "restart")  # waits out a stop already in progress
                 for gate in self._start_gates:
@@ -464,6 +556,8 @@ class Scheduler:
                     self.swap_count += 1
         except (StartError, SchedulerError) as exc:
             err = exc
+        except _NeedsRoom:
+            requeue = True
         except asyncio.CancelledError:
             err = SchedulerError(503, "swapd is shutting down", "shutting_down")
             raise
@@ -471,12 +565,16 @@ class Scheduler:
             log.exception("scheduler.swap_failed", target=swap.target)
             err = exc
         finally:
-            self._on_swap_done(swap, err, time.monotonic() - t0)
+            self._on_swap_done(swap, err, time.monotonic() - t0, requeue)
 
-    def _on_swap_done(self, swap: _Swap, err: Exception | None, seconds: float) -> None:
+    def _on_swap_done(self, swap: _Swap, err: Exception | None, seconds: float, requeue: bool = False) -> None:
         if self._active.get(swap.target) is swap:
             del self._active[swap.target]
-        if err is not None:
+        if requeue:
+            log.info("scheduler.recheck", model=swap.target, detail="fresh GPU numbers: deciding again")
+            waiting = [w for w in swap.waiters if not w.future.done()]
+            self._queue[:0] = waiting
+        elif err is not None:
             for waiter in swap.waiters:
                 self._grant_error(waiter, err)
         else:

@@ -13,10 +13,11 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-
 from nvml_stub import preload, stub_dir_for
+
 from swapd import gpu
 from swapd.backend import State, StopReport
+from swapd.config import load_config_text
 from swapd.gpu import (
     Baseline,
     Device,
@@ -260,6 +261,7 @@ class FakeBackend:
         self.pid = proc.pid
         self.state = State.READY
         self.started_at = psutil.Process(proc.pid).create_time() - 1
+        self.model = load_config_text(f"models:\n  {model_id}:\n    cmd: holder --port ${{PORT}}\n").models[model_id]
 
     def tracked_pids(self) -> list[int]:
         return [self.pid]
@@ -272,7 +274,7 @@ def _holder(state: Path, mib: int) -> subprocess.Popen:
 
 
 def _verifier(backends: dict, **config) -> VramVerifier:
-    cfg = SimpleNamespace(vram_check=config.get("mode", "warn"), vram_check_timeout=config.get("timeout", 3.0))
+    cfg = SimpleNamespace(vram_check=config.get("mode", "warn"), vram_check_timeout=config.get("timeout", 3.0), models={})
     return VramVerifier(SimpleNamespace(config=cfg, backends=backends))
 
 

@@ -103,7 +103,7 @@ def test_the_router_sees_in_flight_counts_and_last_use():
     sched._in_flight["b"] = 2
     sched._last_used["b"] = 7.5
     sched._active["b"] = object()  # a swap bringing "b" in
-    assert sched._eviction_for("a") == ["b"]
+    assert list(sched._decision_for("a").evict) == ["b"]
     assert seen == [("a", {"b": RunningModel("b", 2, 7.5, "swapping")})]
 
 

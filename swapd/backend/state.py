@@ -69,3 +69,4 @@ class StopReport:
     survivors: list[int] = field(default_factory=list)  # pids still alive at the end
     seconds: float = 0.0
     exit_code: int | None = None
+    vram_freed_mib: float | None = None  # set by swapd.gpu's stop guard when it verified the stop

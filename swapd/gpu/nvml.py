@@ -239,6 +239,11 @@ class Nvml:
     def device_names(self) -> list[str]:
         return list(self._names)
 
+    @property
+    def device_uuids(self) -> dict[str, int]:
+        """GPU UUID -> index, for CUDA_VISIBLE_DEVICES=GPU-..."""
+        return {uuid: index for index, uuid in enumerate(self._uuids) if uuid}
+
     # -- reading (on the NVML thread only) ------------------------------------
     def read(self, full: bool = False) -> Snapshot:
         """Memory and processes of every GPU; with ``full`` also power and clocks."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from swapd.backend import CHILDREN, Backend, State, StopReport, kill_leftovers
+from swapd.footprints import FootprintBook
 from swapd.gpu.nvml import Nvml, NvmlUnavailable, Snapshot, throttle_names
 from swapd.gpu.verdict import (
     RECOVERY_FRACTION,
@@ -30,12 +31,17 @@ from swapd.gpu.verdict import (
 from swapd.logging import get_logger
 from swapd.proctree import find_orphans, proc_name, process_tree
 from swapd.scheduler import RuntimeView, Scheduler, SchedulerError
+from swapd.vram_router import DeviceMemory, MemoryView
 
 log = get_logger("swapd.gpu")
 
 POLL_INTERVAL = 0.1  # seconds between NVML reads while a stop is verified
 USAGE_TTL = 1.0  # /running and /v1/models reuse an attribution this young
 HISTORY_SIZE = 100
+# While models run, their memory is sampled (for measured footprints and the vram router):
+SAMPLE_FAST = 1.0  # seconds between samples in the first SAMPLE_FAST_FOR seconds after a start
+SAMPLE_FAST_FOR = 30.0
+SAMPLE_SLOW = 5.0  # afterwards
 
 
 @dataclass
@@ -55,8 +61,14 @@ def _mib(value: float | None) -> float | None:
 class VramVerifier:
     """Verified stops and gated starts for one swapd (see the module doc)."""
 
-    def __init__(self, runtime: RuntimeView) -> None:
+    def __init__(self, runtime: RuntimeView, footprints: FootprintBook | None = None) -> None:
         self._runtime = runtime  # owns the config and the backends; read, never copied
+        self.footprints = footprints if footprints is not None else FootprintBook()
+        self._view: MemoryView | None = None
+        self._last_start = -1e9
+        self._wake = asyncio.Event()
+        self._sampler: asyncio.Task | None = None
+        self._preparing: asyncio.Task | None = None
         self.nvml: Nvml | None = None
         self.unavailable_reason: str | None = None
         self._opened = asyncio.Event()
@@ -73,9 +85,10 @@ class VramVerifier:
 
     # -- set-up ----------------------------------------------------------------
     def attach(self, scheduler: Scheduler) -> None:
-        """Register as the scheduler's start gate and stop guard."""
+        """Register as the scheduler's start gate and stop guard, and as its memory source."""
         scheduler.add_stop_guard(self)
         scheduler.add_start_gate(self)
+        scheduler.set_memory_source(self)
 
     async def open(self) -> None:
         try:
@@ -89,12 +102,85 @@ class VramVerifier:
             )
         else:
             log.info("gpu.ready", driver=self.nvml.driver, gpus=self.nvml.device_names, vram_check=self._mode())
+            self.footprints.set_device_uuids(self.nvml.device_uuids)
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_loop())
         finally:
             self._opened.set()
+        self.prepare_footprints()
+
+    def prepare_footprints(self) -> None:
+        """Estimate, in the background, the footprints nothing else gives (after start-up and reloads)."""
+        if self._preparing is not None and not self._preparing.done():
+            self._preparing.cancel()
+        self.footprints.forget_stale(self._runtime.config)
+        self._preparing = asyncio.get_running_loop().create_task(
+            self.footprints.prepare(list(self._runtime.config.models.values()))
+        )
 
     async def close(self) -> None:
+        for task in (self._sampler, self._preparing):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # pragma: no cover - logged by the task itself
+                    pass
+        await self.footprints.flush()
         if self.nvml is not None:
             await self.nvml.close()
+
+    # -- memory for the vram router (swapd.scheduler.MemorySource) ----------------------
+    def memory_view(self) -> MemoryView | None:
+        return self._view if self.nvml is not None else None
+
+    async def refresh_memory(self) -> None:
+        """Read and attribute NVML now; update the view and the measured footprints."""
+        if self.nvml is None:
+            return
+        running = self._running()
+        try:
+            snap, att, _ = await self.nvml.call(self._attribution_sync, running)
+            await self._observe(snap)
+        except Exception as exc:
+            self._log_read_error(exc)
+            return
+        self._learn(snap, att, running)
+
+    def _learn(self, snap: Snapshot, att: Attribution, running: Mapping[str, object]) -> None:
+        memory_only = self.pid_mode == "memory_only"
+        used_now = {d.index: d.used_mib for d in snap.devices}
+        usage: dict[str, dict[int, float]] = {}
+        for model_id in running:
+            if memory_only:
+                usage[model_id] = memory_only_estimate(model_id, self._starts, used_now)
+            else:
+                per_dev = att.by_model.get(model_id, {})
+                usage[model_id] = {d: sum(m or 0.0 for m in pids.values()) for d, pids in per_dev.items()}
+        devices = {}
+        for dev in snap.devices:
+            managed = sum(u.get(dev.index, 0.0) for u in usage.values())
+            held = dev.used_mib + (dev.reserved_mib or 0.0)
+            devices[dev.index] = DeviceMemory(dev.index, dev.total_mib, max(0.0, held - managed))
+        self._view = MemoryView(devices, usage, snap.at)
+        for model_id, held_mib in usage.items():
+            backend = self._runtime.backends.get(model_id)
+            if backend is not None and backend.state in (State.READY, State.STARTING):
+                self.footprints.observe(backend.model, held_mib)
+
+    async def _sample_loop(self) -> None:
+        """Sample the running models' memory: every second just after a start, then every 5 s."""
+        while True:
+            if self._running():
+                await self.refresh_memory()
+                await self.footprints.flush()
+            fast = time.monotonic() - self._last_start < SAMPLE_FAST_FOR
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), SAMPLE_FAST if fast else SAMPLE_SLOW)
+            except TimeoutError:
+                pass
 
     def _mode(self) -> str:
         return getattr(self._runtime.config, "vram_check", "warn")
@@ -129,6 +215,8 @@ class VramVerifier:
     async def start_gate(self, backend: Backend) -> None:
         """Before every start: note the device memory; in strict mode refuse while
         a stopped model's memory has not come back."""
+        self._last_start = time.monotonic()
+        self._wake.set()  # the sampler measures the new model from its first seconds
         mode = self._mode()
         if mode == "off":
             return
@@ -205,6 +293,11 @@ class VramVerifier:
         estimate = None
         if self.pid_mode == "memory_only" or any(d.processes is None for d in snapshot.devices):
             estimate = memory_only_estimate(model_id, self._starts, {d.index: d.used_mib for d in snapshot.devices})
+
+        if not estimate and self.pid_mode != "memory_only" and backend.state is State.READY:
+            # The last reading of what the model held (its peak may be now); backend.model is
+            # the config this process was started with.
+            self.footprints.observe(backend.model, make_baseline(snapshot, tree, "pids").held)
 
         report = await do_stop()
 
@@ -294,6 +387,7 @@ class VramVerifier:
             self._record(model_id, reason, "no_vram", **common)
             log.debug("vram.none_held", model=model_id, reason=reason, mode=baseline.mode)
         elif verdict.freed:
+            report.vram_freed_mib = _mib(verdict.recovered_mib)
             self._record(model_id, reason, "freed", **common)
             log.info(
                 "vram.freed",
@@ -410,6 +504,7 @@ class VramVerifier:
             except Exception as exc:
                 self._log_read_error(exc)
                 return {}
+            self._learn(snap, att, running)
             visible = self.pid_mode != "memory_only"
             self._usage = {
                 m: {
@@ -441,12 +536,14 @@ class VramVerifier:
                 for e in self._unfreed.values()
             ],
             "stops": list(self.history),
+            "footprints": {m: fp.as_json() for m, fp in self.footprints.all(self._runtime.config).items()},
         }
         if self.nvml is None:
             return out
         running = self._running()
         snap, att, trees = await self.nvml.call(self._attribution_sync, running)
         await self._observe(snap)
+        self._learn(snap, att, running)
         out["pid_mode"] = self.pid_mode
         visible = self.pid_mode != "memory_only"
         out["swapd_pids"] = sorted({os.getpid(), *(p for pids in trees.values() for p in pids)})

@@ -206,10 +206,15 @@ async def handle_running(request: web.Request) -> web.Response:
                 "pid": backend.pid,
                 "pids": backend.tracked_pids(),
                 "vram_mib": usage.get(model_id, {}).get("vram_mib"),
+                "footprint": scheduler.footprints.footprint(mc).as_json(),
                 "in_flight": scheduler.in_flight(model_id),
             }
         )
-    return web.json_response({"running": running})
+    body: dict = {"running": running}
+    budget = scheduler.memory_budget()  # the vram router's view, per GPU (empty under groups or matrix)
+    if budget:
+        body["gpus"] = {str(d): b for d, b in budget.items()}
+    return web.json_response(body)
 
 
 async def handle_unload(request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from swapd.footprints import FootprintBook, FootprintStore, default_state_dir
 from swapd.gpu import VramVerifier
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ def install(app: web.Application) -> None:
 
     async def gpu_lifecycle(app: web.Application):
         rt = _runtime(app)
-        verifier = VramVerifier(rt)
+        verifier = VramVerifier(rt, FootprintBook(FootprintStore(default_state_dir())))
         # Hooks first, so a start racing with NVML's initialisation (preload) is
         # still gated: the hooks wait for open() to finish.
         verifier.attach(rt.scheduler)

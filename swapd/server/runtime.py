@@ -102,6 +102,8 @@ class Runtime:
             for warning in new.warnings:
                 config_log.warning("config.warning", file=new.path, message=warning)
             changes = await self._apply_models(new)
+            if self.gpu is not None:
+                self.gpu.prepare_footprints()  # a changed cmd is measured (or estimated) again
             for warning in observe.apply_log_settings(new, self.log_sink, self.upstream_echo):
                 config_log.warning("config.warning", file=new.path, message=warning)
             self.events.models_changed()
