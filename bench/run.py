@@ -43,7 +43,7 @@ PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-SCENARIOS = ("latency", "relay", "fanout", "coldstart", "swap", "footprint", "scale", "realmodel", "bigbody")
+SCENARIOS = ("latency", "relay", "fanout", "coldstart", "swap", "footprint", "scale", "realmodel", "bigbody", "admission")
 
 # Targets: (result key, label, limit, unit, comparison)
 TARGETS = [
@@ -56,6 +56,7 @@ TARGETS = [
     ("footprint.idle_cpu_percent", "idle CPU, 50 models", 0.5, "%", "lt"),
     ("footprint.idle_rss_mb", "idle RSS, 50 models", 80.0, "MB", "le"),
     ("realmodel.ratio_percent", "real model tokens/s vs direct", 98.0, "%", "ge"),
+    ("admission.p99_ms", "vram admission decision p99 (1,000 models, 50 running)", 1.0, "ms", "le"),
 ]
 
 
@@ -638,6 +639,52 @@ http {{
         else:
             out["overhead_p50_ms"] = out["fake_backend"]["overhead_p50_ms"]
         return out
+
+    # -- admission ------------------------------------------------------------------------
+    def admission(self) -> dict:
+        """One vram-router decision with 1,000 configured models and 50 running, in process.
+
+        Times ``Scheduler._decision_for`` (the router with its inputs gathered:
+        the running set, footprints, the memory view) for a cold model whose
+        arrival must evict the least recently used of the 50.
+        """
+        import asyncio
+        from types import SimpleNamespace
+
+        import yaml
+
+        from swapd.backend import State
+        from swapd.config import load_config_text
+        from swapd.scheduler import Scheduler
+        from swapd.vram_router import DeviceMemory, MemoryView
+
+        doc = {"routing": {"router": {"use": "vram"}},
+               "models": {f"m{i}": {"cmd": "serve --port ${PORT}", "vram": 480} for i in range(1000)}}
+        config = load_config_text(yaml.safe_dump(doc, sort_keys=False))
+        backends = {m: SimpleNamespace(id=m, state=State.READY if i < 50 else State.STOPPED, model=config.models[m])
+                    for i, m in enumerate(config.models)}
+        runtime = SimpleNamespace(config=config, backends=backends)
+        view = MemoryView({0: DeviceMemory(0, 24_576.0, 656.0)})
+        memory = SimpleNamespace(memory_view=lambda: view)
+
+        async def run() -> list[float]:
+            sched = Scheduler(runtime)
+            sched._memory = memory  # the view only: no NVML here
+            for i in range(50):
+                sched._last_used[f"m{i}"] = float(i)
+            decision = sched._decision_for("m999")
+            assert decision.evict == ("m0", "m1", "m2"), decision  # LRU first, 3 x 480 MiB to fit
+            n = 2000 if self.quick else 20000
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                sched._decision_for("m999")
+                times.append((time.perf_counter() - t0) * 1000)
+            return times
+
+        times = asyncio.run(run())
+        return {"decisions": len(times), "p50_ms": round(pct(times, 50), 4), "p99_ms": round(pct(times, 99), 4),
+                "evicts": ["m0", "m1", "m2"]}
 
     # -- footprint ------------------------------------------------------------------------
     def bigbody(self) -> dict:

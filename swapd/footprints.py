@@ -69,8 +69,15 @@ class Footprint:
 
 
 def command_key(model: ModelConfig) -> str:
-    """A hash of what decides a model's memory: its command and its environment."""
-    text = json.dumps([list(model.cmd), [list(kv) for kv in model.env]], separators=(",", ":"))
+    """A hash of what decides a model's memory: its command and its environment.
+
+    The port swapd assigned (``${PORT}``) changes with ``startPort`` and the
+    model's place in the file, never the memory, so it is hashed as ``${PORT}``."""
+    argv = list(model.cmd)
+    if model.port is not None:
+        port = str(model.port)
+        argv = ["${PORT}" if a == port else a.replace("=" + port, "=${PORT}") for a in argv]
+    text = json.dumps([argv, [list(kv) for kv in model.env]], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -259,6 +259,7 @@ def start_swapd(
     stdout_file = open(stdout_path, "wb") if split_stdout else None
     extra_env, env = env, dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")  # measured footprints stay in the test's directory
     env.update(extra_env or {})  # e.g. LD_LIBRARY_PATH for the NVML stub
     proc = subprocess.Popen(
         [

@@ -114,8 +114,12 @@ class VramVerifier:
             self._preparing.cancel()
         self.footprints.forget_stale(self._runtime.config)
         self._preparing = asyncio.get_running_loop().create_task(
-            self.footprints.prepare(list(self._runtime.config.models.values()))
+            self._estimate_and_flush(list(self._runtime.config.models.values()))
         )
+
+    async def _estimate_and_flush(self, models: list) -> None:
+        await self.footprints.prepare(models)
+        await self.footprints.flush()  # forgotten measurements leave the store too
 
     async def close(self) -> None:
         for task in (self._sampler, self._preparing):
