@@ -282,3 +282,57 @@ def test_an_estimated_footprint_from_the_real_smollm2_gguf(smollm2):
     assert direct is not None and fp.source == "estimated" and fp.mib == {0: direct.mib}
     assert 300 < direct.mib < 2000 and "SmolLM2" in (fp.detail or "")
     assert book.footprint(cfg.models["v"]).source == "unknown"  # no GGUF in its cmd
+
+
+def test_e2e_models_max_without_nvml(swapd):
+    s = swapd({m: model() for m in "abc"}, **_routing(modelsMax=2))
+    assert s.get("/api/gpus").json()["available"] is False
+    for m in "abac":  # b is the least recently used when c arrives
+        assert s.chat(m).status == 200
+    assert set(s.running()) == {"a", "c"}
+    (ev,) = _events(s, "scheduler.evict")
+    assert (ev["model"], ev["for_model"], ev["reason"]) == ("b", "c", "count")
+
+
+def test_e2e_two_gpus_and_a_pinned_model(swapd, tmp_path, nvml_lib):
+    env = _gpu(tmp_path, nvml_lib, total=5000 + 1168, devices=2)  # 5000 MiB for models on each GPU
+    on = lambda d, *more: model("--vram-mib", "3000", "--vram-device", str(d), *more, vram=3000,  # noqa: E731
+                                env=[f"CUDA_VISIBLE_DEVICES={d}"])
+    s = swapd({"p0": on(0), "x0": on(0), "y1": on(1), "z1": on(1)}, env=env, **_routing(pinned=["p0"]))
+    assert s.chat("p0").status == 200
+    assert s.chat("y1").status == 200  # the other GPU: beside
+    assert set(s.running()) == {"p0", "y1"}
+    r = s.chat("x0")  # GPU 0 holds the pinned p0: 3000 + 3000 > 5000 can never fit
+    assert r.status == 503 and "pinned" in r.json()["error"]["message"]
+    assert s.chat("z1").status == 200  # GPU 1: y1 makes room, p0 on GPU 0 is untouched
+    assert set(s.running()) == {"p0", "z1"}
+    (ev,) = _events(s, "scheduler.evict")
+    assert (ev["model"], ev["for_model"], ev["reason"], ev["freed_mib"]) == ("y1", "z1", "vram", 3000.0)
+    gpus = s.get("/running").json()["gpus"]
+    assert gpus["0"]["models_mib"] == 3000.0 and gpus["1"]["models_mib"] == 3000.0
+
+
+@pytest.mark.parametrize(
+    "patch, key, words",
+    [
+        ({"models": {"a": {"vram": "11TB"}}}, "key 'vram'", "positive size"),
+        ({"models": {"a": {"vram": {"x": 100}}}}, "key 'vram'", "GPU index"),
+        ({"vram": {"pinned": ["nope"]}}, "routing.router.settings.vram.pinned[0]", "not a defined model"),
+        ({"vram": {"modelsMax": -1}}, "routing.router.settings.vram.modelsMax", ">= 0"),
+        ({"vram": {"reserve": "lots"}}, "routing.router.settings.vram.reserve", "size in MiB"),
+        ({"groups": {"g": {"members": ["a"]}}}, "routing.router.settings.groups", "pinned"),
+    ],
+)
+def test_vram_config_errors_name_the_key(patch, key, words):
+    from swapd.config import ConfigError
+
+    settings = {"vram": patch.get("vram", {})}
+    if "groups" in patch:
+        settings["groups"] = patch["groups"]
+    models = {"a": {"cmd": "serve --port ${PORT}", **patch.get("models", {}).get("a", {})}}
+    doc = {"routing": {"router": {"use": "vram", "settings": settings}}, "models": models}
+    with pytest.raises(ConfigError) as err:
+        load_config_text(yaml.safe_dump(doc))
+    assert key in str(err.value) and words in str(err.value)
+    if "models" in patch:
+        assert "model 'a'" in str(err.value)
