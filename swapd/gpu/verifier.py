@@ -68,6 +68,7 @@ class VramVerifier:
         self._last_start = -1e9
         self._wake = asyncio.Event()
         self._sampler: asyncio.Task | None = None
+        self._closing = False
         self._preparing: asyncio.Task | None = None
         self.nvml: Nvml | None = None
         self.unavailable_reason: str | None = None
@@ -122,6 +123,8 @@ class VramVerifier:
         await self.footprints.flush()  # forgotten measurements leave the store too
 
     async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
         for task in (self._sampler, self._preparing):
             if task is not None and not task.done():
                 task.cancel()
@@ -175,14 +178,17 @@ class VramVerifier:
 
     async def _sample_loop(self) -> None:
         """Sample the running models' memory: every second just after a start, then every 5 s."""
-        while True:
+        while not self._closing:
             if self._running():
                 await self.refresh_memory()
                 await self.footprints.flush()
             fast = time.monotonic() - self._last_start < SAMPLE_FAST_FOR
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the event is set, and close() would wait for this loop forever.
             try:
-                await asyncio.wait_for(self._wake.wait(), SAMPLE_FAST if fast else SAMPLE_SLOW)
+                async with asyncio.timeout(SAMPLE_FAST if fast else SAMPLE_SLOW):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
