@@ -746,7 +746,7 @@ def test_router_counts_swaps_in_progress_as_running():
     for sets, expected in (({"s_ab": "a & b"}, []), ({"s_a": "a", "s_b": "b"}, ["a"])):
         sched = Scheduler(SimpleNamespace(config=matrix_config(sets), backends={}), router=MatrixRouter())
         sched._active["a"] = object()  # a swap bringing "a" in
-        assert sched._eviction_for("b") == expected
+        assert list(sched._decision_for("b").evict) == expected
 
 
 def test_router_tie_break_is_definition_order():
