@@ -1355,13 +1355,52 @@ def test_unknown_keys_warn_with_a_suggestion():
 
 
 def test_not_implemented_keys_each_warn_once():
-    names = ["profiles", "selectors", "captureBuffer", "store", "performance", "ui",
-             "metricsMaxInMemory", "logRequests"]
-    body = "\n".join(f"{name}: {{}}" if name not in ("captureBuffer", "metricsMaxInMemory", "logRequests")
-                     else f"{name}: 1" for name in names)
-    cfg = load(body.replace("logRequests: 1", "logRequests: true") + "\n")
+    names = ["profiles", "selectors", "ui"]
+    cfg = load("\n".join(f"{name}: {{}}" for name in names) + "\n")
     expected = [f"key '{n}' is accepted but not implemented by swapd yet; it is ignored" for n in names]
     assert list(cfg.warnings) == expected
+
+
+def test_observe_keys_are_read():
+    cfg = load(
+        """
+        metricsMaxInMemory: 50
+        captureBuffer: 2
+        store: {path: /tmp/activity.sqlite}
+        logRequests: true
+        performance: {disabled: true, every: 1m30s}
+        telemetry: {endpoint: "http://127.0.0.1:4318", serviceName: box, headers: {x-token: t}}
+        """
+    )
+    assert cfg.warnings == ()
+    o = cfg.observe
+    assert (o.metrics_max_in_memory, o.capture_buffer_bytes, o.store_path) == (50, 2 * 1024 * 1024, "/tmp/activity.sqlite")
+    assert o.log_requests and o.performance_disabled and o.performance_every == 90.0
+    assert o.telemetry.enabled and o.telemetry.endpoint == "http://127.0.0.1:4318"
+    assert o.telemetry.service_name == "box" and o.telemetry.headers == (("x-token", "t"),)
+
+
+def test_observe_defaults_follow_llama_swap():
+    o = load("").observe
+    assert (o.metrics_max_in_memory, o.capture_buffer_bytes, o.performance_every) == (1000, 5 * 1024 * 1024, 5.0)
+    assert not o.telemetry.enabled and not o.performance_disabled
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("performance: {every: 2s}", "performance.every"),
+        ("performance: {every: soon}", "performance.every"),
+        ("captureBuffer: -1", "captureBuffer"),
+        ("store: /x.sqlite", "store"),
+        ("telemetry: {endpoint: localhost:4318}", "telemetry.endpoint"),
+        ("telemetry: {sampleRatio: 2}", "telemetry.sampleRatio"),
+    ],
+)
+def test_observe_key_errors_name_the_key(text, key):
+    with pytest.raises(ConfigError) as err:
+        load(text + "\n")
+    assert f"key '{key}'" in str(err.value)
 
 
 def test_keys_implemented_elsewhere_are_silent():
@@ -1512,8 +1551,7 @@ def test_fixture_loads_and_lists_its_models(tmp_path):
     assert cfg.raw["peers"]["openrouter"]["apiKey"] == "sk-or-secret"
     assert not [w for w in cfg.warnings if "unknown key" in w]
     assert sorted(w.split("'")[1] for w in cfg.warnings) == sorted(
-        ["metricsMaxInMemory", "captureBuffer", "ui", "performance", "profiles", "selectors",
-         "hooks.on_startup.preload"]  # it preloads 'llama', which the example never defines
+        ["ui", "profiles", "selectors", "hooks.on_startup.preload"]  # it preloads 'llama', which the example never defines
     )
     assert cfg.preload == ()
     assert cfg.peers["openrouter"].api_key == "sk-or-secret"

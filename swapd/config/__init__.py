@@ -27,7 +27,9 @@ from ._model import (
     Filters,
     GroupConfig,
     ModelConfig,
+    ObserveSettings,
     PeerConfig,
+    TelemetrySettings,
     Timeouts,
     VramSettings,
 )
@@ -46,6 +48,8 @@ __all__ = [
     "PeerConfig",
     "Timeouts",
     "VramSettings",
+    "ObserveSettings",
+    "TelemetrySettings",
     "MIN_HEALTH_CHECK_TIMEOUT",
     "ModelConfig",
     "PID_PLACEHOLDER",

@@ -62,6 +62,7 @@ KNOWN_TOP_LEVEL_KEYS = (
     "vramCheckTimeout",
     "clientLimits",
     "allowedHosts",
+    "telemetry",
 )
 KNOWN_CLIENT_LIMIT_KEYS = ("maxBodyMB", "headerTimeout", "bodyIdleTimeout", "keepaliveTimeout", "maxBodyBytesInFlight")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
@@ -71,12 +72,7 @@ _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "
 NOT_IMPLEMENTED_KEYS = (
     "profiles",
     "selectors",
-    "captureBuffer",
-    "store",
-    "performance",
     "ui",
-    "metricsMaxInMemory",
-    "logRequests",
 )
 
 KNOWN_MODEL_KEYS = (

@@ -37,6 +37,7 @@ from ._keys import (
 from ._model import ClientLimits, Config, ModelConfig, PeerConfig
 from ._models import _build_filters, _build_model, _check_url, _collect_aliases
 from ._reader import _Context, _describe, _Reader, _unknown_key_message
+from ._observe import observe_settings
 from ._vram import vram_router
 
 
@@ -226,6 +227,7 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         vram_router=vram_router_settings,
         router=routing.router,
         matrix=routing.matrix,
+        observe=observe_settings(ctx, expanded),
     )
 
 

@@ -110,6 +110,31 @@ class VramSettings:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    """``telemetry``: OpenTelemetry traces (swapd.telemetry.otel). The OTEL_* environment also turns them on."""
+
+    enabled: bool = False
+    endpoint: str = ""  # an OTLP/HTTP base URL (``/v1/traces`` is added) ; "" = the environment's
+    service_name: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    sample_ratio: float = 1.0
+    export_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class ObserveSettings:
+    """llama-swap's activity, capture and performance keys (swapd.config._observe)."""
+
+    metrics_max_in_memory: int = 1000
+    capture_buffer_bytes: int = 5 * 1024 * 1024
+    store_path: str = ""
+    log_requests: bool = False
+    performance_disabled: bool = False
+    performance_every: float = 5.0
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+
+
+@dataclass(frozen=True)
 class GroupConfig:
     id: str
     swap: bool
@@ -149,6 +174,8 @@ class Config:
     router: str = "group"
     # The compiled matrix (swapd.matrix.MatrixProgram) when router == "matrix", else None.
     matrix: Any = None
+    # metricsMaxInMemory, captureBuffer, store, logRequests, performance, telemetry
+    observe: ObserveSettings = field(default_factory=ObserveSettings)
 
     def resolve(self, name: str) -> ModelConfig | None:
         """Find a model by id, or failing that by alias."""
