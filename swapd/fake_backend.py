@@ -45,6 +45,21 @@ CLIENT_MAX_SIZE = 1024 * 1024 * 1024
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
+def _timings(prompt_n: int, predicted_n: int) -> dict[str, Any]:
+    """llama-server's timings block, with fixed rates (100 prompt tokens/s, 25 generated tokens/s)."""
+    return {
+        "cache_n": 0,
+        "prompt_n": prompt_n,
+        "prompt_ms": prompt_n * 10.0,
+        "prompt_per_token_ms": 10.0,
+        "prompt_per_second": 100.0,
+        "predicted_n": predicted_n,
+        "predicted_ms": predicted_n * 40.0,
+        "predicted_per_token_ms": 40.0,
+        "predicted_per_second": 25.0,
+    }
+
+
 def _out(line: str) -> None:
     """Print one line to stdout and flush it at once."""
     sys.stdout.write(line + "\n")
@@ -158,6 +173,7 @@ class FakeBackend:
         return await self._completion(request, chat=False)
 
     async def _completion(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        """A completion; ``"x_timings": true`` in a streamed request adds llama-server's ``timings``."""
         got = await self._read_body(request)
         if isinstance(got, web.Response):
             return got
@@ -166,7 +182,8 @@ class FakeBackend:
         n = self._n_tokens(body)
         if body.get("stream") is True:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await self._stream(request, chat, model, n, include_usage)
+            timings = body.get("x_timings") is True
+            return await self._stream(request, chat, model, n, include_usage, timings, max(1, len(raw) // 4))
 
         content = "".join(f"tok{i} " for i in range(n))
         prompt_tokens = max(1, len(raw) // 4)
@@ -203,7 +220,14 @@ class FakeBackend:
         )
 
     async def _stream(
-        self, request: web.Request, chat: bool, model: str, n: int, include_usage: bool
+        self,
+        request: web.Request,
+        chat: bool,
+        model: str,
+        n: int,
+        include_usage: bool,
+        timings: bool = False,
+        prompt_n: int = 1,
     ) -> web.StreamResponse:
         stats = self.stats
         interval = self.args.interval
@@ -257,7 +281,10 @@ class FakeBackend:
                 if chat
                 else {"index": 0, "text": "", "finish_reason": "stop"}
             )
-            await resp.write(chunk(final))
+            if timings:  # llama-server's final chunk carries its timings
+                await resp.write(chunk(final, timings=_timings(prompt_n, n)))
+            else:
+                await resp.write(chunk(final))
             if include_usage:
                 await resp.write(
                     b"data: "

@@ -29,6 +29,7 @@ from swapd.footprints import FootprintBook
 from swapd.logging import get_logger
 from swapd.matrix import MatrixRouter
 from swapd.router import Decision, Eviction, GroupRouter, Router, RunningModel
+from swapd.telemetry.record import Wait
 from swapd.vram_router import MemoryView, VramRouter
 
 log = get_logger("swapd.scheduler")
@@ -97,12 +98,13 @@ class Lease:
     does not run. ``release`` is idempotent.
     """
 
-    __slots__ = ("backend", "_scheduler", "_released")
+    __slots__ = ("backend", "_scheduler", "_released", "waited")
 
-    def __init__(self, scheduler: Scheduler, backend: Backend) -> None:
+    def __init__(self, scheduler: Scheduler, backend: Backend, waited: Wait | None = None) -> None:
         self.backend = backend
         self._scheduler = scheduler
         self._released = False
+        self.waited = waited  # the start (or swap) this request waited on, for telemetry; None if none
 
     @property
     def model_id(self) -> str:
@@ -130,6 +132,9 @@ class _Swap:
     task: asyncio.Task | None = None
     why: Mapping[str, Eviction] = field(default_factory=dict)
     memory_aware: bool = False  # the vram router decided: recheck the fit with fresh numbers before starting
+    started: float = 0.0  # monotonic: the swap task began
+    stops_done: float = 0.0  # ... its stops were done
+    did_start: bool = False  # it started the target (not only waited for a ready one)
 
 
 class _NeedsRoom(Exception):
@@ -443,7 +448,7 @@ class Scheduler:
             self._release(req.model)
             log.debug("scheduler.cancelled", model=req.model)
 
-    def _grant(self, req: _Request) -> None:
+    def _grant(self, req: _Request, waited: Wait | None = None) -> None:
         if req.future.done():  # the caller is gone; its reservation went with _on_cancel
             return
         self._in_flight[req.model] = self._in_flight.get(req.model, 0) + 1
@@ -451,7 +456,7 @@ class Scheduler:
         timer = self._ttl_timers.pop(req.model, None)
         if timer is not None:
             timer.cancel()
-        req.future.set_result(Lease(self, self.backends[req.model]))
+        req.future.set_result(Lease(self, self.backends[req.model], waited))
 
     def _grant_error(self, req: _Request, err: Exception) -> None:
         if not req.future.done():
@@ -533,12 +538,13 @@ class Scheduler:
             )
 
     async def _run_swap(self, swap: _Swap) -> None:
-        t0 = time.monotonic()
+        t0 = swap.started = swap.stops_done = time.monotonic()
         err: Exception | None = None
         requeue = False
         try:
             if swap.evict:
                 await asyncio.gather(*(self._evict(swap, m) for m in swap.evict))
+                swap.stops_done = time.monotonic()
             backend = self.backends[swap.target]
             if swap.memory_aware and backend.state is not State.READY and self._memory is not None:
                 # The decision used the last reading; the stops above were verified. Decide again on
@@ -552,6 +558,7 @@ class Scheduler:
                 for gate in self._start_gates:
                     await gate.start_gate(backend)
                 await backend.start()
+                swap.did_start = True
                 if swap.evict:
                     self.swap_count += 1
         except (StartError, SchedulerError) as exc:
@@ -578,8 +585,11 @@ class Scheduler:
             for waiter in swap.waiters:
                 self._grant_error(waiter, err)
         else:
+            waited = None
+            if swap.did_start or swap.evict:
+                waited = Wait(swap.target, swap.started, swap.stops_done, time.monotonic(), tuple(swap.evict))
             for waiter in swap.waiters:
-                self._grant(waiter)
+                self._grant(waiter, waited)
             if self._in_flight.get(swap.target, 0) == 0:
                 self._arm_ttl(swap.target)  # every waiter left; the clock runs from now
         self._drain()

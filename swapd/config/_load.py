@@ -36,8 +36,8 @@ from ._keys import (
 )
 from ._model import ClientLimits, Config, ModelConfig, PeerConfig
 from ._models import _build_filters, _build_model, _check_url, _collect_aliases
-from ._reader import _Context, _describe, _Reader, _unknown_key_message
 from ._observe import observe_settings
+from ._reader import _Context, _describe, _Reader, _unknown_key_message
 from ._vram import vram_router
 
 

@@ -87,7 +87,9 @@ def observe_settings(ctx: _Context, document: Mapping[str, Any]) -> ObserveSetti
         raw = perf.mapping["every"]
         seconds = parse_duration(raw)
         if seconds is None:
-            perf.fail("every", f'expected a duration such as "5s", "1m30s" or a number of seconds, got {_describe(raw)}')
+            perf.fail(
+                "every", f'expected a duration such as "5s", "1m30s" or a number of seconds, got {_describe(raw)}'
+            )
         if seconds < MIN_PERFORMANCE_EVERY:
             perf.fail("every", f"must be at least 5s, got {_describe(raw)}")
         every = seconds

@@ -81,6 +81,9 @@ class Device:
     power_w: float | None = None
     power_limit_w: float | None = None
     throttle: int | None = None
+    temperature_c: float | None = None
+    util_percent: float | None = None
+    memory_util_percent: float | None = None
 
     def process_pids(self) -> set[int]:
         return {p.pid for p in self.processes or ()}
@@ -265,6 +268,12 @@ class Nvml:
                     "power_limit_w": None if limit is None else limit / 1000.0,
                     "throttle": self._throttle(handle),
                 }
+                temp = self._optional(self._nv.nvmlDeviceGetTemperature, handle, 0)  # NVML_TEMPERATURE_GPU
+                util = self._optional(self._nv.nvmlDeviceGetUtilizationRates, handle)
+                extra["temperature_c"] = None if temp is None else float(temp)
+                if util is not None:
+                    extra["util_percent"] = float(util.gpu)
+                    extra["memory_util_percent"] = float(util.memory)
             devices.append(
                 Device(
                     index=index,

@@ -15,7 +15,7 @@ from swapd.config import Config
 from swapd.logging import get_logger
 from swapd.redact import redact_argv, redact_url
 from swapd.scheduler import SchedulerError
-from swapd.server import gpu_api, observe
+from swapd.server import gpu_api, metrics_api, observe
 from swapd.server.auth import access_middleware
 from swapd.server.bodies import BodyBudget
 from swapd.server.errors import ClientError, error_response
@@ -72,8 +72,10 @@ async def error_middleware(request: web.Request, handler):
     deadline = HeaderDeadline.of(request)
     if deadline is not None:
         deadline.request_started()
+    answered: web.StreamResponse | None = None
     try:
-        return await handler(request)
+        answered = await handler(request)
+        return answered
     except ClientError as exc:
         response = error_response(request, exc.status, exc.message, exc.code, exc.headers)
         if exc.close:
@@ -108,10 +110,30 @@ async def error_middleware(request: web.Request, handler):
     finally:
         if deadline is not None:
             deadline.request_finished()
+        record = request.get("swapd.record")
+        if record is not None:
+            _finish_record(request, record, answered)
+
+
+def _finish_record(request: web.Request, record, answered: web.StreamResponse | None) -> None:
+    """Hand a proxied request's telemetry record over, whatever way it ended."""
+    refused = request.get("swapd.refused")
+    if refused is not None:  # an error answer from swapd itself (429, 503, a failed start, ...)
+        record.status, record.error = refused
+    elif answered is not None:
+        record.status = record.status or answered.status
+        error = answered.get("swapd.error")
+        if error:
+            record.error = error
+    else:  # cancelled: the client went away
+        record.status = record.status or 499
+        record.error = record.error or "client_disconnected"
+    request.app[RUNTIME].telemetry.finish(record)
 
 
 def _refused(request: web.Request, response: web.Response, outcome: str) -> web.Response:
     """Log one ``request`` line for an error answer, unless the relay already logged this request."""
+    request["swapd.refused"] = (response.status, outcome or "error")
     if not request.get("swapd.logged"):
         log.info("request", method=request.method, path=request.path, status=response.status, outcome=outcome)
     return response
@@ -346,5 +368,6 @@ def create_app(config: Config) -> web.Application:
     r.add_get("/logs/stream/{monitor:.+}", observe.handle_log_stream)
     r.add_get("/api/events", observe.handle_events)
     gpu_api.install(app)
+    metrics_api.install(app)
     r.add_route("*", "/{tail:.*}", handle_not_found)
     return app

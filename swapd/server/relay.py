@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +29,8 @@ from swapd.server.upstream import (
     UpstreamProtocolError,
     UpstreamResponse,
 )
+from swapd.telemetry import usage
+from swapd.telemetry.record import RequestRecord
 
 # aiohttp's session used 30 s; a model's timeouts.connect overrides it
 DEFAULT_CONNECT_TIMEOUT = 30.0
@@ -154,13 +157,16 @@ async def relay(
     content_length: int | None = None,
     extra_headers: dict[str, str] | None = None,
     drop_headers: frozenset[str] = frozenset(),
+    record: RequestRecord | None = None,
 ) -> web.StreamResponse:
     """Send ``body`` to ``url`` and stream the backend's response to the client.
 
     ``prepared`` is a response whose headers already went out (the loading
     stream); then only the backend's body follows on it. ``extra_headers``
     are set on the request (a backend's or peer's own key); ``drop_headers``
-    are left out of it.
+    are left out of it. ``record`` (telemetry) gets the status, the time of
+    the first body byte and the tokens read from the ends of the body once
+    it has gone out (``swapd.telemetry.usage``); nothing is held back for it.
     """
     headers = forward_headers(request, drop_headers)
     if extra_headers:
@@ -183,15 +189,27 @@ async def relay(
         raise UpstreamError(502, f"model {model_id}: backend unreachable: {exc}") from exc
     if prepared is not None:
         request["swapd.status"] = prepared.status
-        return await _relay_into(request, prepared, upstream, model_id)
+        if record is not None:
+            record.status = prepared.status
+            record.content_type = "text/event-stream"
+            record.stream = True
+        return await _relay_into(request, prepared, upstream, model_id, record)
 
     clean = False
     request["swapd.status"] = upstream.status
+    head = tail = b""
+    first = 0.0
     try:
         upstream_headers = upstream.headers
         content_type = upstream_headers.get("Content-Type", "")
         event_stream = content_type.startswith("text/event-stream")
         length = upstream_headers.get("Content-Length")
+        if record is not None:
+            record.status = upstream.status
+            record.content_type = content_type
+            record.stream = event_stream
+            if record.capture is not None:
+                record.capture.response_headers = dict(upstream_headers)
         if (
             not event_stream
             and length is not None
@@ -209,6 +227,10 @@ async def relay(
             out: CIMultiDict[str] = CIMultiDict()
             _copy_headers(upstream_headers, out, skip_length=True)
             clean = True
+            if record is not None:
+                tail = body_bytes
+                if record.capture is not None:
+                    record.capture.response_body.append(body_bytes)
             return web.Response(status=upstream.status, reason=upstream.reason or None, body=body_bytes, headers=out)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
         _copy_headers(upstream_headers, response.headers)
@@ -219,12 +241,20 @@ async def relay(
         try:
             sink = client_sink(request, response) if isinstance(upstream, UpstreamResponse) and length is None else None
             if sink is not None:
-                await upstream.splice(sink[0], request.writer.drain, sink[1])
-            else:
+                if record is not None and record.capture is not None:
+                    upstream.capture_into(record.capture.response_body)
+                try:
+                    await upstream.splice(sink[0], request.writer.drain, sink[1])
+                finally:
+                    if record is not None:
+                        first, head, tail = upstream.observed()
+            elif record is None:
                 read_chunk = upstream.read_chunk
                 write = response.write
                 while chunk := await read_chunk():
                     await write(chunk)
+            else:
+                first, head, tail = await _relay_loop(upstream, response, record)
         except ClientGone:
             response["swapd.error"] = "client_disconnected"
             return response
@@ -238,6 +268,43 @@ async def relay(
             upstream.release()
         else:
             upstream.close()
+        if record is not None:
+            _account(record, first, head, tail)
+
+
+async def _relay_loop(upstream, response: web.StreamResponse, record: RequestRecord) -> tuple[float, bytes, bytes]:
+    """The write loop, keeping what telemetry reads: first byte time, first piece, last two pieces."""
+    read_chunk = upstream.read_chunk
+    write = response.write
+    pieces = record.capture.response_body if record.capture is not None else None
+    first = 0.0
+    head = prev = last = b""
+    try:
+        while chunk := await read_chunk():
+            if not first:
+                first = time.monotonic()
+                head = chunk
+            prev, last = last, chunk
+            if pieces is not None:
+                pieces.append(chunk)
+            await write(chunk)
+    finally:
+        record.first_byte = first
+    return first, head, prev + last
+
+
+def _account(record: RequestRecord, first: float, head: bytes, tail: bytes) -> None:
+    """Read the tokens (and finish reasons, model) from the ends of a body that has gone out."""
+    if first and not record.first_byte:
+        record.first_byte = first
+    if record.capture is not None:
+        record.capture.response_size = sum(map(len, record.capture.response_body))
+    if not tail or record.status >= 400:
+        return
+    stream = record.stream
+    record.tokens = usage.read_tokens(tail, head, stream=stream)
+    record.finish_reasons = usage.finish_reasons(tail, stream=stream)
+    record.response_model = usage.response_model(tail)
 
 
 def _copy_headers(source: CIMultiDict[str], out: CIMultiDict[str], skip_length: bool = False) -> None:
@@ -275,9 +342,11 @@ async def _broken_mid_response(
 
 
 async def _relay_into(
-    request: web.Request, response: web.StreamResponse, upstream, model_id: str
+    request: web.Request, response: web.StreamResponse, upstream, model_id: str, record: RequestRecord | None = None
 ) -> web.StreamResponse:
     """Continue an already-started event stream with the backend's body."""
+    head = tail = b""
+    first = 0.0
     try:
         if upstream.status != 200:
             try:
@@ -295,8 +364,11 @@ async def _relay_into(
             response["swapd.error"] = f"backend answered {upstream.status}"
         else:
             try:
-                while chunk := await upstream.read_chunk():
-                    await response.write(chunk)
+                if record is None:
+                    while chunk := await upstream.read_chunk():
+                        await response.write(chunk)
+                else:
+                    first, head, tail = await _relay_loop(upstream, response, record)
             except UpstreamFault as exc:
                 return await _broken_mid_response(request, response, model_id, exc, True)
         await response.write_eof()
@@ -304,3 +376,7 @@ async def _relay_into(
         return response
     finally:
         upstream.close()
+        if record is not None:
+            if upstream.status != 200:
+                record.error = f"backend answered {upstream.status}"
+            _account(record, first, head, tail)

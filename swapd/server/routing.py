@@ -26,6 +26,7 @@ from swapd.server.errors import ClientError
 from swapd.server.keys import BODY_BUDGET, RUNTIME
 from swapd.server.relay import CREDENTIAL_HEADERS, UpstreamError, relay
 from swapd.server.slowclient import check_declared_length, next_chunk, stream_body
+from swapd.telemetry.record import Capture, Wait, operation_for
 
 log = get_logger("swapd.server")
 
@@ -170,10 +171,12 @@ async def forward_local(
     *,
     loading: bool = False,
     content_length: int | None = None,
+    requested: str = "",
 ) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     scheduler = rt.scheduler
     t0 = time.monotonic()
+    record = _begin_record(request, rt, model.id, requested, body, t0)
     ticket = scheduler.request(model.id)  # 429 here, before any loading stream
     loader = None
     try:
@@ -194,6 +197,14 @@ async def forward_local(
         await loader.finish()
     backend_model = lease.backend.model
     key_headers = _own_key_headers(backend_model.api_key)
+    if record is not None:
+        record.queued_s = time.monotonic() - t0
+        waited = lease.waited
+        if waited is not None:  # a waiter that joined a swap under way waited only from its own arrival
+            record.waits.append(
+                Wait(waited.model, max(waited.started, t0), max(waited.stops_done, t0), waited.ready, waited.stopped)
+            )
+        key_headers = _trace_headers(rt, record, key_headers)
     try:
         return await _relay_logged(
             request,
@@ -206,10 +217,36 @@ async def forward_local(
             timeouts=backend_model.timeouts,
             content_length=content_length,
             extra_headers=key_headers,
-            drop_headers=CREDENTIAL_HEADERS if key_headers else frozenset(),
+            drop_headers=CREDENTIAL_HEADERS if backend_model.api_key else frozenset(),
+            record=record,
         )
     finally:
         lease.release()
+
+
+def _begin_record(request: web.Request, rt, model_id: str, requested: str, body, t0: float, peer: str = ""):
+    """The request's telemetry record (POST requests, as llama-swap meters them); the middleware finishes it."""
+    if request.method != "POST":
+        return None
+    telemetry = rt.telemetry
+    record = telemetry.begin(
+        "POST", request.path, model_id, requested=requested, peer=peer, headers=request.headers, t0=t0
+    )
+    record.operation = operation_for(request.path)
+    if telemetry.capture_bytes and isinstance(body, (bytes, bytearray)) and len(body) <= telemetry.capture_bytes:
+        record.capture = Capture(dict(request.headers), bytes(body))
+    request["swapd.record"] = record
+    return record
+
+
+def _trace_headers(rt, record, headers: dict[str, str] | None) -> dict[str, str] | None:
+    tracer = rt.telemetry.tracer
+    if tracer is None or record is None or record.span is None:
+        return headers
+    outgoing = tracer.outgoing(record)
+    if not outgoing:
+        return headers
+    return {**(headers or {}), **outgoing}
 
 
 def _own_key_headers(api_key: str) -> dict[str, str] | None:
@@ -218,19 +255,30 @@ def _own_key_headers(api_key: str) -> dict[str, str] | None:
 
 
 async def forward_peer(
-    request: web.Request, peer: PeerConfig, path_qs: str, body, *, content_length: int | None = None
+    request: web.Request,
+    peer: PeerConfig,
+    path_qs: str,
+    body,
+    *,
+    content_length: int | None = None,
+    model_name: str = "",
+    requested: str = "",
 ) -> web.StreamResponse:
     # a peer is another host: it gets its configured key or no credential at all, never the client's
+    rt = request.app[RUNTIME]
+    t0 = time.monotonic()
+    record = _begin_record(request, rt, f"{peer.id}/{model_name}", requested or model_name, body, t0, peer.id)
     return await _relay_logged(
         request,
         peer.proxy + path_qs,
         body,
         f"{peer.id} (peer)",
-        time.monotonic(),
+        t0,
         {"peer": peer.id},
-        extra_headers=_own_key_headers(peer.api_key),
+        extra_headers=_trace_headers(rt, record, _own_key_headers(peer.api_key)),
         drop_headers=CREDENTIAL_HEADERS,
         content_length=content_length,
+        record=record,
     )
 
 
@@ -313,7 +361,7 @@ async def handle_json_model(request: web.Request) -> web.StreamResponse:
         requested = data.get("model")
         target = _lookup(rt.config, requested)
         rewritten = _rewrite(data, target, requested)
-        return await _route_json(request, target, rewritten or body, data.get("stream") is True)
+        return await _route_json(request, target, rewritten or body, data.get("stream") is True, data.get("model"))
     return await _handle_held_body(request)
 
 
@@ -373,7 +421,7 @@ async def _handle_held_body(request: web.Request) -> web.StreamResponse:
                 rewritten = _rewrite(data, target, requested)
             else:
                 rewritten = await asyncio.to_thread(_rewrite, data, target, requested)
-        return await _route_json(request, target, rewritten or body, stream)
+        return await _route_json(request, target, rewritten or body, stream, requested)
     finally:
         budget.release(reserved)
 
@@ -383,15 +431,16 @@ async def _parse_off_loop(body: bytes | bytearray) -> dict:
 
 
 async def _route_json(
-    request: web.Request, target: ModelConfig | tuple[PeerConfig, str], body, stream: bool
+    request: web.Request, target: ModelConfig | tuple[PeerConfig, str], body, stream: bool, requested=""
 ) -> web.StreamResponse:
+    requested = requested if isinstance(requested, str) else ""
     path_qs = request.raw_path
     if path_qs.startswith("/v/"):  # llama-swap's versionless aliases forward without the /v
         path_qs = path_qs[2:]
     if isinstance(target, ModelConfig):
         loading = target.send_loading_state and stream and request.path in LOADING_PATHS
-        return await forward_local(request, target, path_qs, body, loading=loading)
-    return await forward_peer(request, target[0], path_qs, body)
+        return await forward_local(request, target, path_qs, body, loading=loading, requested=requested)
+    return await forward_peer(request, target[0], path_qs, body, model_name=target[1], requested=requested)
 
 
 async def handle_query_model(request: web.Request) -> web.StreamResponse:
@@ -399,7 +448,7 @@ async def handle_query_model(request: web.Request) -> web.StreamResponse:
     target = _lookup(request.app[RUNTIME].config, requested)
     if isinstance(target, ModelConfig):
         return await forward_local(request, target, request.raw_path, None)
-    return await forward_peer(request, target[0], request.raw_path, None)
+    return await forward_peer(request, target[0], request.raw_path, None, model_name=target[1])
 
 
 _BOUNDARY_RE = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
@@ -494,7 +543,9 @@ async def handle_multipart_model(request: web.Request) -> web.StreamResponse:
     body = stream_body(request, limits.body_idle_timeout, limits.max_body_bytes + delta, prefix=buf)
     if isinstance(target, ModelConfig):
         return await forward_local(request, target, request.raw_path, body, content_length=content_length)
-    return await forward_peer(request, target[0], request.raw_path, body, content_length=content_length)
+    return await forward_peer(
+        request, target[0], request.raw_path, body, content_length=content_length, model_name=target[1]
+    )
 
 
 async def handle_upstream(request: web.Request) -> web.StreamResponse:

@@ -20,6 +20,7 @@ from swapd.logging import get_logger
 from swapd.scheduler import Scheduler
 from swapd.server import observe
 from swapd.server.upstream import UpstreamPool
+from swapd.telemetry.hub import Telemetry
 
 if TYPE_CHECKING:
     from swapd.gpu import VramVerifier
@@ -44,6 +45,7 @@ class Runtime:
         self.listen_host: str | None = None  # the name given to --listen: an allowed Host (webguard), set by cli.py
         self._session: aiohttp.ClientSession | None = None  # https backends and peers, https health checks
         self.pool = UpstreamPool()  # plain-http backends and peers: the hot path
+        self.telemetry = Telemetry()  # request records and their sinks (metrics, activity, traces)
         self._backends: dict[str, Backend] = {}
         self._scheduler: Scheduler | None = None
         self.gpu: VramVerifier | None = None  # swapd.gpu's verifier, set by gpu_api.install when the app starts
@@ -78,14 +80,23 @@ class Runtime:
             mc,
             logs=self.logs,
             session=self.session,
-            on_exit=self.scheduler.on_backend_exit,
-            on_state=self.events.on_backend_state,
+            on_exit=self._on_backend_exit,
+            on_state=self._on_backend_state,
         )
+
+    def _on_backend_state(self, backend: Backend, old, new) -> None:
+        self.telemetry.on_backend_state(backend, old, new)
+        self.events.on_backend_state(backend, old, new)
+
+    def _on_backend_exit(self, backend: Backend, code: int | None) -> None:
+        self.telemetry.on_crash(backend.id)
+        self.scheduler.on_backend_exit(backend, code)
 
     def start(self, session: aiohttp.ClientSession) -> Scheduler:
         """Create the scheduler and one backend per configured model (app start-up)."""
         self._session = session
         scheduler = self._scheduler = Scheduler(self)
+        scheduler.on_stop.append(self.telemetry.on_stop)
         for mc in self._config.models.values():
             self._backends[mc.id] = self.new_backend(mc)
         return scheduler

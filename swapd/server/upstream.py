@@ -151,6 +151,11 @@ class _Exchange:
         "sink_blocked",
         "got_any",
         "spoilt",
+        "first_at",
+        "head_piece",
+        "prev_piece",
+        "last_piece",
+        "tap",
     )
 
     def __init__(self, conn: _Connection, no_body: bool, parser: ResponseParser | None) -> None:
@@ -169,6 +174,13 @@ class _Exchange:
         self.sink_blocked = False
         self.got_any = False
         self.spoilt = False  # bytes after the response: the connection's framing cannot be trusted
+        # what telemetry reads once the body has ended: when the first body byte came, the first
+        # piece and the last two (usage and timings sit at the end), and every piece when captured
+        self.first_at = 0.0
+        self.head_piece = b""
+        self.prev_piece = b""
+        self.last_piece = b""
+        self.tap: list[bytes] | None = None
 
     # -- from the connection -------------------------------------------------------
 
@@ -203,6 +215,13 @@ class _Exchange:
             self.head_waiter.set_result(None)
 
     def body_received(self, data: bytes) -> None:
+        if not self.first_at:
+            self.first_at = time.monotonic()
+            self.head_piece = data
+        self.prev_piece = self.last_piece
+        self.last_piece = data
+        if self.tap is not None:
+            self.tap.append(data)
         sink = self.sink
         if sink is not None:
             self._deliver(sink, b"%x\r\n%b\r\n" % (len(data), data) if self.sink_chunked else data)
@@ -435,6 +454,15 @@ class UpstreamResponse:
             if limit is not None and size >= limit:
                 break
         return b"".join(parts)
+
+    def observed(self) -> tuple[float, bytes, bytes]:
+        """(monotonic time of the first body byte or 0, the first piece, the last two pieces joined)."""
+        ex = self._exchange
+        return ex.first_at, ex.head_piece, ex.prev_piece + ex.last_piece
+
+    def capture_into(self, pieces: list[bytes]) -> None:
+        """Also append every body piece still to come to ``pieces`` (captures)."""
+        self._exchange.tap = pieces
 
     async def splice(self, sink: Sink, drain: Callable[[], Awaitable[None]], chunked: bool = False) -> None:
         """Hand the rest of the body to ``sink`` straight from the connection's reads.

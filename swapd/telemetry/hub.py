@@ -44,11 +44,48 @@ class Tracer(Protocol):
     async def close(self) -> None: ...
 
 
+class ModelSink(Protocol):
+    """Model lifecycle: a start that reached ready (or failed), a stop with its reason."""
+
+    def model_started(self, model: str, seconds: float, ok: bool) -> None: ...
+
+    def model_stopped(self, model: str, reason: str) -> None: ...
+
+
 class Telemetry:
     def __init__(self) -> None:
         self.sinks: list[RequestSink] = []
+        self.model_sinks: list[ModelSink] = []
         self.tracer: Tracer | None = None
         self.on_request: list[Callable[[RequestRecord], None]] = []
+        self._starting: dict[str, float] = {}
+        self.capture_bytes = 0  # captureBuffer: requests up to this size are captured (0: none)
+
+    # -- model lifecycle -------------------------------------------------------
+    def on_backend_state(self, backend: Any, old: Any, new: Any) -> None:
+        """Backend state changes (Backend's on_state): a start is timed from starting to ready."""
+        name = getattr(new, "value", str(new))
+        model = backend.id
+        if name == "starting":
+            self._starting[model] = time.monotonic()
+            return
+        t0 = self._starting.pop(model, None)
+        if t0 is None:
+            return
+        ok = name == "ready"
+        for sink in self.model_sinks:
+            sink.model_started(model, time.monotonic() - t0, ok)
+
+    def on_stop(self, report: Any) -> None:
+        """A finished stop (the scheduler's ``on_stop``): counted once per stop of a running backend."""
+        if report.root_pid is None and not report.pids:
+            return  # nothing was running (a stop of a stopped or crashed backend)
+        for sink in self.model_sinks:
+            sink.model_stopped(report.model_id, report.reason)
+
+    def on_crash(self, model: str) -> None:
+        for sink in self.model_sinks:
+            sink.model_stopped(model, "crash")
 
     def begin(
         self,

@@ -104,7 +104,32 @@ class RequestRecord:
 
     @property
     def waited(self) -> str:
-        """"swap", "start" or "" : what this request waited on before its backend could answer."""
+        """ "swap", "start" or "" : what this request waited on before its backend could answer."""
         if any(w.stopped for w in self.waits):
             return "swap"
         return "start" if self.waits else ""
+
+
+# GenAI operation names (OpenTelemetry semantic conventions) by route
+_OPERATIONS = {
+    "/v1/chat/completions": "chat",
+    "/v1/messages": "chat",
+    "/v1/responses": "chat",
+    "/v1/completions": "text_completion",
+    "/completion": "text_completion",
+    "/infill": "text_completion",
+    "/v1/embeddings": "embeddings",
+}
+
+
+def operation_for(path: str) -> str:
+    """The GenAI operation for a request path ("" when the route has none), /upstream/<model>/ and /v/ included."""
+    op = _OPERATIONS.get(path)
+    if op is not None:
+        return op
+    if path.startswith("/v/"):
+        return _OPERATIONS.get("/v1/" + path[3:], "")
+    for suffix, name in _OPERATIONS.items():
+        if path.endswith(suffix):
+            return name
+    return ""

@@ -26,6 +26,7 @@
  *                    default 1000000000), as NVML does from another PID namespace
  *   persistence      0 or 1 (default 1)
  *   power            "<draw W> <limit W>" (default "30 300")
+ *   sensors          "<temp C> <gpu util %> <memory util %>" (default "41 0 0")
  *   throttle         clock event reason bit mask, e.g. 0x80 (default 0x1, idle)
  *   driver           driver version string (default 550.54.15)
  *   legacy           present: the versioned calls (memory info v2, running
@@ -537,6 +538,46 @@ nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *
 nvmlReturn_t nvmlDeviceGetPowerManagementLimit(nvmlDevice_t device, unsigned int *milliwatts) {
     trace("nvmlDeviceGetPowerManagementLimit");
     return nvmlDeviceGetEnforcedPowerLimit(device, milliwatts);
+}
+
+/* temperature and utilization: knob "sensors" = "<temp C> <gpu util %> <memory util %>" (default "41 0 0") */
+static void sensors_knob(unsigned int *temp_c, unsigned int *gpu_pct, unsigned int *mem_pct) {
+    char buf[64];
+    *temp_c = 41;
+    *gpu_pct = 0;
+    *mem_pct = 0;
+    if (read_knob("sensors", buf, sizeof buf))
+        sscanf(buf, "%u %u %u", temp_c, gpu_pct, mem_pct);
+}
+
+nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, int sensor, unsigned int *temp) {
+    unsigned int t, g, m;
+    nvmlReturn_t ret = check_device(device);
+    trace("nvmlDeviceGetTemperature");
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (sensor != 0)
+        return NVML_ERROR_NOT_SUPPORTED;
+    sensors_knob(&t, &g, &m);
+    *temp = t;
+    return NVML_SUCCESS;
+}
+
+typedef struct {
+    unsigned int gpu;
+    unsigned int memory;
+} nvmlUtilization_t;
+
+nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *util) {
+    unsigned int t, g, m;
+    nvmlReturn_t ret = check_device(device);
+    trace("nvmlDeviceGetUtilizationRates");
+    if (ret != NVML_SUCCESS)
+        return ret;
+    sensors_knob(&t, &g, &m);
+    util->gpu = g;
+    util->memory = m;
+    return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t device, unsigned long long *reasons) {
