@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from swapd.backend.state import State
 from swapd.logging import get_logger
 from swapd.telemetry.record import RequestRecord
 
@@ -38,7 +39,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 12
 TPS_BUCKETS = (1, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000, 2000)
 START_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
-STATES = ("stopped", "starting", "ready", "stopping", "failed")
+STATES = tuple(state.value for state in State)
 STOP_REASONS = ("ttl", "swap", "evict", "unload", "crash", "reload", "shutdown")
 
 
