@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from helpers import model, wait_until
 from nvml_stub import stub_dir_for, stub_env
+from prometheus_client.parser import text_string_to_metric_families
 
 MIB = 1024 * 1024
 
