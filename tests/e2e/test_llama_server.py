@@ -212,3 +212,27 @@ def test_client_disconnect_stops_llama_server_generating(swapd, llama):
     # 4000 tokens take far longer; the slot must be freed within a moment.
     assert time.monotonic() - t_closed < 5
     assert wait_until(lambda: two.running()["smol"]["in_flight"] == 0, timeout=5)
+
+
+def test_metrics_count_the_real_servers_tokens(two):
+    """/metrics token counters equal what llama-server itself reported, plain and streamed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = two.chat("smol", max_tokens=12, temperature=0)
+    assert r.status == 200, r.body[:500]
+    usage = r.json()["usage"]
+    status, _, events = two.stream("smol", max_tokens=20, ignore_eos=True, temperature=0)
+    assert status == 200
+    _, timings = _content(events)
+    assert timings, "llama-server sent no timings in its last chunk"
+    samples = {}
+    for family in text_string_to_metric_families(two.get("/metrics").body.decode()):
+        for s in family.samples:
+            if s.labels.get("model") == "smol":
+                samples[(s.name, s.labels.get("status", ""), s.labels.get("le", ""))] = s.value
+    assert samples[("swapd_requests_total", "200", "")] == 2
+    assert samples[("swapd_completion_tokens_total", "", "")] == usage["completion_tokens"] + timings["predicted_n"]
+    assert samples[("swapd_prompt_tokens_total", "", "")] == usage["prompt_tokens"] + timings["prompt_n"]
+    assert samples[("swapd_time_to_first_token_seconds_count", "", "")] == 1
+    # llama-server's own predicted_per_second for the stream, and its timings for the plain answer too
+    assert samples[("swapd_generation_tokens_per_second_count", "", "")] >= 1
