@@ -216,3 +216,30 @@ def _up(port: int) -> bool:
         return conn.getresponse().status == 200
     except OSError:
         return False
+
+
+def test_a_reload_that_changes_a_model_counts_a_reload_stop(swapd):
+    import signal
+
+    import yaml
+    from helpers import write_config
+
+    s = swapd({"a": model(), "b": model()})
+    assert s.chat("a").status == 200
+    old = yaml.safe_load(s.config_path.read_text())
+    write_config(
+        s.config_path,
+        {"a": model("--chunks", "3"), "b": model()},
+        s.tag,
+        startPort=old["startPort"],
+        healthCheckTimeout=old["healthCheckTimeout"],
+    )
+    s.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: value(scrape(s), "swapd_model_stops_total", model="a", reason="reload") == 1,
+        timeout=15,
+        message="the reload stop counted",
+    )
+    m = scrape(s)
+    assert value(m, "swapd_model_state", model="a", state="stopped") == 1
+    assert value(m, "swapd_requests_total", model="a", status="200") == 1  # counts survive a reload
