@@ -15,7 +15,7 @@ from swapd.config import Config
 from swapd.logging import get_logger
 from swapd.redact import redact_argv, redact_url
 from swapd.scheduler import SchedulerError
-from swapd.server import gpu_api, metrics_api, observe
+from swapd.server import activity_api, gpu_api, metrics_api, observe
 from swapd.server.auth import access_middleware
 from swapd.server.bodies import BodyBudget
 from swapd.server.errors import ClientError, error_response
@@ -367,6 +367,7 @@ def create_app(config: Config) -> web.Application:
     r.add_get("/logs/stream", observe.handle_log_stream)
     r.add_get("/logs/stream/{monitor:.+}", observe.handle_log_stream)
     r.add_get("/api/events", observe.handle_events)
+    activity_api.install(app)
     gpu_api.install(app)
     metrics_api.install(app)
     r.add_route("*", "/{tail:.*}", handle_not_found)

@@ -115,6 +115,14 @@ class EventHub:
     def on_backend_state(self, backend, old, new) -> None:
         self.models_changed()
 
+    def on_activity(self, entry: dict[str, Any]) -> None:
+        """A request was recorded: llama-swap's ``activity`` message carries only the row id."""
+        if not self._events:
+            return
+        record = encode_event("activity", {"id": entry["id"]})
+        for sub in self._events:
+            sub.offer(record)
+
     def models_changed(self) -> None:
         if not self._events:
             return
