@@ -394,16 +394,11 @@ def _total(s, auth) -> int:
     return s.get("/api/metrics/activity", headers=auth).json()["total"]
 
 
-def _skip_unless_wired(s, auth, expected: int) -> None:
-    """Wait for ``expected`` rows; skip while main's routing does not call ``Telemetry.finish`` yet."""
+def _wait_rows(s, auth, expected: int) -> None:
     from helpers import wait_until
 
-    try:
-        wait_until(lambda: _total(s, auth) >= expected, timeout=5, message=f"{expected} activity rows")
-    except AssertionError:
-        if _total(s, auth) == 0:
-            pytest.skip("this swapd does not record proxied requests yet (telemetry not wired)")
-        raise
+    # The row is written once the response has ended, which can be just after the client read it.
+    wait_until(lambda: _total(s, auth) >= expected, timeout=10, message=f"{expected} activity rows")
 
 
 def test_activity_rows_stats_captures_and_events_are_exact(swapd):
@@ -430,7 +425,7 @@ def test_activity_rows_stats_captures_and_events_are_exact(swapd):
     assert status == 200
     expected_in += 1
     expected_out += 4
-    _skip_unless_wired(s, auth, 4)
+    _wait_rows(s, auth, 4)
     assert _total(s, auth) == 4
     rows = s.get("/api/metrics/activity", headers=auth).json()["data"]
     assert [r["model"] for r in rows] == ["m2", "m1", "m1", "m1"]
@@ -472,8 +467,11 @@ def _stream(s, auth, model_id, n):
         )
         conn.request("POST", "/v1/chat/completions", body=body, headers={**auth, "Content-Type": "application/json"})
         resp = conn.getresponse()
-        resp.read()
-        return resp.status, dict(resp.getheaders()), None
+        try:
+            data = resp.read()
+        except http.client.IncompleteRead as exc:  # swapd cut the stream short
+            data = exc.partial
+        return resp.status, dict(resp.getheaders()), data
     finally:
         conn.close()
 
@@ -485,7 +483,7 @@ def test_activity_survives_a_restart_with_store_path(swapd, tmp_path):
     s = swapd({"m1": model()}, store={"path": str(db)})
     for _ in range(2):
         assert s.chat("m1").status == 200
-    _skip_unless_wired(s, {}, 2)
+    _wait_rows(s, {}, 2)
     before = s.get("/api/metrics/activity").json()["data"]
     assert s.terminate() == 0
     assert Path(db).exists()
@@ -494,3 +492,71 @@ def test_activity_survives_a_restart_with_store_path(swapd, tmp_path):
     assert again.chat("m1").status == 200
     wait_until(lambda: _total(again, {}) == 3, timeout=10, message="3 rows")
     assert again.get("/api/metrics/activity").json()["data"][0]["id"] == 3
+
+
+def test_llama_server_timings_fill_rates_and_histograms(swapd):
+    from helpers import model
+
+    s = swapd({"m1": model()})
+    body = {
+        "model": "m1",
+        "stream": True,
+        "max_tokens": 3,
+        "x_timings": True,
+        "messages": [{"role": "user", "content": "hello there"}],
+    }
+    raw = json.dumps(body).encode()
+    got = s.post("/v1/chat/completions", raw, headers={"Content-Type": "application/json"})
+    assert got.status == 200
+    _wait_rows(s, {}, 1)
+    row = s.get("/api/metrics/activity").json()["data"][0]
+    prompt_n = max(1, len(raw) // 4)
+    assert row["tokens"] == {
+        "cache_tokens": 0,
+        "draft_tokens": -1,
+        "draft_acc_tokens": -1,
+        "input_tokens": prompt_n,
+        "output_tokens": 3,
+        "prompt_per_second": 100.0,
+        "tokens_per_second": 25.0,
+    }
+    assert row["duration_ms"] >= int(prompt_n * 10.0 + 3 * 40.0)  # llama-server's timings beat the wall time
+    stats = s.get("/api/metrics/stats").json()
+    assert stats["prompt_histogram"] == {
+        "bins": [1], "min": 100.0, "max": 100.0, "binSize": 0.0, "p50": 100.0, "p95": 100.0, "p99": 100.0,
+    }  # fmt: skip
+    assert stats["gen_histogram"]["min"] == 25.0 and stats["gen_histogram"]["bins"] == [1]
+
+
+def test_memory_cap_captures_off_and_log_requests(swapd):
+    from helpers import model, wait_until
+
+    s = swapd({"m1": model()}, metricsMaxInMemory=2, captureBuffer=0, logRequests=True)
+    for _ in range(3):
+        assert s.chat("m1", max_tokens=2).status == 200
+    wait_until(lambda: [r["id"] for r in s.get("/api/metrics/activity").json()["data"]] == [3, 2], message="rows 3, 2")
+    got = s.get("/api/metrics/activity").json()
+    assert got["total"] == 2 and not any(r["has_capture"] for r in got["data"])
+    assert s.get("/api/captures/3").status == 404
+    assert s.get("/api/metrics/stats").json()["total_requests"] == 2
+
+    def activity_lines():
+        found = [e for e in s.log_events() if e.get("event") == "activity"]
+        return found if len(found) == 3 else None
+
+    lines = wait_until(activity_lines, message="3 activity log lines")
+    assert [e["id"] for e in lines] == [1, 2, 3]
+    assert all(e["model"] == "m1" and e["status"] == 200 and e["output_tokens"] == 2 for e in lines)
+
+
+def test_a_failed_stream_is_recorded_with_its_error(swapd):
+    from helpers import model
+
+    s = swapd({"m1": model("--crash-after-chunks", "2", "--interval", "0.05")})
+    status, _, _ = _stream(s, {}, "m1", 10)
+    _wait_rows(s, {}, 1)
+    row = s.get("/api/metrics/activity").json()["data"][0]
+    assert status == 200  # the headers had gone out
+    assert "mid-response" in row["error_msg"]
+    assert row["resp_content_type"] == "text/event-stream"
+    assert row["tokens"]["output_tokens"] == 0  # no usage arrived

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 log = get_logger("swapd.activity")
 
+ACTIVITY = web.AppKey("swapd.activity", ActivityStore)
+
 _INT = re.compile(r"[+-]?\d+")
 
 
@@ -37,11 +39,7 @@ def _atoi(raw: str) -> int | None:
 
 def install_sinks(rt: Runtime, settings: ObserveSettings) -> ActivityStore:
     """Create the stores and add them to ``rt.telemetry.sinks``; the caller opens and closes the store."""
-    telemetry = getattr(rt, "telemetry", None)
-    if telemetry is None:  # until the runtime owns one
-        from swapd.telemetry.hub import Telemetry
-
-        telemetry = rt.telemetry = Telemetry()  # type: ignore[attr-defined]
+    telemetry = rt.telemetry
     captures = CaptureStore(settings.capture_buffer_bytes)
     store = ActivityStore(
         settings.metrics_max_in_memory,
@@ -52,7 +50,6 @@ def install_sinks(rt: Runtime, settings: ObserveSettings) -> ActivityStore:
     telemetry.sinks.append(store)
     if settings.log_requests:
         telemetry.sinks.append(RequestLogSink())
-    rt.activity = store  # type: ignore[attr-defined]
     return store
 
 
@@ -61,14 +58,14 @@ def install(app: web.Application) -> None:
 
     async def activity_lifecycle(app: web.Application):
         rt = app[RUNTIME]
-        store = install_sinks(rt, rt.config.observe)
+        store = app[ACTIVITY] = install_sinks(rt, rt.config.observe)
         await store.open()
         yield
 
     async def close_store(app: web.Application) -> None:
         # After every cleanup context: the scheduler has stopped the backends
         # and every request has been recorded; write the queue out and close.
-        store: ActivityStore | None = getattr(app[RUNTIME], "activity", None)
+        store = app.get(ACTIVITY)
         if store is not None:
             await store.close()
 
@@ -80,7 +77,7 @@ def install(app: web.Application) -> None:
 
 
 def _store(request: web.Request) -> ActivityStore:
-    store: ActivityStore | None = getattr(request.app[RUNTIME], "activity", None)
+    store = request.app.get(ACTIVITY)
     if store is None:
         raise ClientError(500, "failed to get activity", "internal_error")
     return store
@@ -174,7 +171,7 @@ async def handle_capture(request: web.Request) -> web.Response:
     capture_id = _atoi(request.match_info["id"])
     if capture_id is None:
         raise ClientError(400, "invalid capture ID")
-    store: ActivityStore | None = getattr(request.app[RUNTIME], "activity", None)
+    store = request.app.get(ACTIVITY)
     item = store.captures.get(capture_id) if store is not None and store.captures is not None else None
     if item is None:
         raise ClientError(404, "capture not found")
