@@ -312,6 +312,26 @@ def test_capture_shape_and_redaction():
     assert build(11, "/v1/completions", 200, truncated) is None
 
 
+def test_captures_over_the_buffer_are_skipped_before_copying():
+    import gzip
+
+    assert build(1, "/v1/completions", 200, cap(resp=b"y" * 500), limit=400) is None
+    assert build(1, "/v1/completions", 200, cap(resp=b"y" * 300), limit=400) is not None
+    bomb = gzip.compress(b"\0" * 10_000_000)  # 10 kB that inflate to 10 MB
+    assert build(2, "/v1/completions", 200, cap(resp=bomb, **{"Content-Encoding": "gzip"}), limit=1_000_000) is None
+    broken = cap(resp=b"not gzip at all", **{"Content-Encoding": "gzip"})
+    assert build(3, "/v1/completions", 200, broken) is None
+    store = ActivityStore(10, captures=CaptureStore(300))
+    store.open_sync()
+    try:
+        big, small = rec(capture=cap(resp=b"z" * 400)), rec(capture=cap())
+        store.request_done(big)
+        store.request_done(small)
+        assert [r["has_capture"] for r in page(store)["data"]] == [True, False]
+    finally:
+        store.close_sync()
+
+
 def test_capture_buffer_evicts_oldest_and_skips_oversized():
     store = CaptureStore(100)
 
@@ -560,3 +580,16 @@ def test_a_failed_stream_is_recorded_with_its_error(swapd):
     assert "mid-response" in row["error_msg"]
     assert row["resp_content_type"] == "text/event-stream"
     assert row["tokens"]["output_tokens"] == 0  # no usage arrived
+
+
+def test_an_unopenable_store_path_is_logged_and_activity_stays_in_memory(swapd, tmp_path):
+    from helpers import model
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    s = swapd({"m1": model()}, store={"path": str(blocker / "activity.db")})
+    failed = [e for e in s.log_events() if e.get("event") == "activity.store_failed"]
+    assert failed and failed[0]["path"] == str(blocker / "activity.db") and "in memory" in failed[0]["fallback"]
+    assert failed[0]["level"] == "error"
+    assert s.chat("m1").status == 200
+    _wait_rows(s, {}, 1)

@@ -382,7 +382,7 @@ class ActivityStore:
         self._queue.put(_Insert(row))
         has_capture = False
         if self.captures is not None and self.captures.enabled and record.capture is not None:
-            item = capture_mod.build(record.id, record.path, record.status, record.capture)
+            item = capture_mod.build(record.id, record.path, record.status, record.capture, self.captures.max_bytes)
             has_capture = item is not None and self.captures.add(item)
         if self.on_activity is not None:
             self.on_activity(entry_of(row, has_capture))

@@ -74,16 +74,23 @@ def header_map(headers: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _decode(body: bytes, encoding: str) -> bytes | None:
+def _inflate(body: bytes, wbits: int, limit: int) -> bytes | None:
+    inflater = zlib.decompressobj(wbits)
+    out = inflater.decompress(body, limit + 1)
+    return None if len(out) > limit else out
+
+
+def _decode(body: bytes, encoding: str, limit: int) -> bytes | None:
+    """The body without its gzip or deflate encoding; None when it is broken or decodes to over ``limit`` bytes."""
     enc = encoding.strip().lower()
     try:
         if enc == "gzip":
-            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+            return _inflate(body, 16 + zlib.MAX_WBITS, limit)
         if enc == "deflate":
             try:
-                return zlib.decompress(body)
+                return _inflate(body, zlib.MAX_WBITS, limit)
             except zlib.error:
-                return zlib.decompress(body, -zlib.MAX_WBITS)
+                return _inflate(body, -zlib.MAX_WBITS, limit)
     except zlib.error:
         return None
     return body
@@ -115,8 +122,8 @@ class StoredCapture:
         }
 
 
-def build(record_id: int, path: str, status: int, capture: Capture) -> StoredCapture | None:
-    """The capture llama-swap would keep for this request (None when nothing can be kept)."""
+def build(record_id: int, path: str, status: int, capture: Capture, limit: int = 1 << 62) -> StoredCapture | None:
+    """The capture llama-swap would keep for this request; None when there is none or it is over ``limit`` bytes."""
     if capture.truncated:
         return None  # larger than the buffer while it was copied: llama-swap skips it too
     mask = fields_for(path)
@@ -133,8 +140,12 @@ def build(record_id: int, path: str, status: int, capture: Capture) -> StoredCap
     else:
         encoding = next((v for k, v in capture.response_headers.items() if k.lower() == "content-encoding"), "")
     if mask & RESP_BODY:
+        size = len(req_body or b"") + sum(map(len, capture.response_body))
+        if size > limit:  # checked before anything is copied: this runs on the event loop
+            log.warning("capture.too_large", id=record_id, bytes=size, buffer=limit)
+            return None
         raw = b"".join(capture.response_body)
-        resp_body = _decode(raw, encoding) if encoding else raw
+        resp_body = _decode(raw, encoding, limit) if encoding else raw
         if resp_body is None:
             return None
     size = len(req_body or b"") + len(resp_body or b"")
