@@ -142,6 +142,18 @@ def test_rfc3339_is_gos_time_format():
         time.tzset()
 
 
+def test_error_msg_prefers_the_backends_message(opened):
+    store = opened()
+    failed = rec(status=400, error="backend answered 400", capture=cap(resp=b'{"error":{"message":"bad model"}}'))
+    store.request_done(failed)
+    store.request_done(
+        rec(status=400, error="backend answered 400", capture=cap(resp=b'{"detail":"' + b"d" * 600 + b'"}'))
+    )
+    store.request_done(rec(status=502, error="backend answered 502"))  # no capture: swapd's reason
+    rows = page(store)["data"]
+    assert [r["error_msg"] for r in rows] == ["backend answered 502", "d" * 500 + "...", "bad model"]
+
+
 def test_only_posts_are_recorded(opened):
     store = opened()
     get = rec(method="GET", path="/props")
@@ -540,6 +552,8 @@ def test_llama_server_timings_fill_rates_and_histograms(swapd):
         "prompt_per_second": 100.0,
         "tokens_per_second": 25.0,
     }
+    raw_page = s.get("/api/metrics/activity").body
+    assert b'"prompt_per_second":100,"tokens_per_second":25}' in raw_page  # Go writes whole floats bare
     assert row["duration_ms"] >= int(prompt_n * 10.0 + 3 * 40.0)  # llama-server's timings beat the wall time
     stats = s.get("/api/metrics/stats").json()
     assert stats["prompt_histogram"] == {
@@ -593,3 +607,16 @@ def test_an_unopenable_store_path_is_logged_and_activity_stays_in_memory(swapd, 
     assert failed[0]["level"] == "error"
     assert s.chat("m1").status == 200
     _wait_rows(s, {}, 1)
+
+
+def test_a_backends_error_message_becomes_error_msg(swapd):
+    from helpers import model
+
+    s = swapd({"m1": model("--api-key", "backend-key")})  # swapd has no apiKeys: the client's header goes through
+    got = s.chat("m1")
+    assert got.status == 401
+    _wait_rows(s, {}, 1)
+    row = s.get("/api/metrics/activity").json()["data"][0]
+    assert (row["resp_status_code"], row["error_msg"]) == (401, "invalid api key")
+    capture = s.get(f"/api/captures/{row['id']}").json()
+    assert capture["resp_body"] is None and capture["resp_headers"]["Content-Type"].startswith("application/json")

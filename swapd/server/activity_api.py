@@ -8,6 +8,8 @@ the store (writing what is queued) when the app stops.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from datetime import datetime
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 log = get_logger("swapd.activity")
 
 ACTIVITY = web.AppKey("swapd.activity", ActivityStore)
+
+_compact = functools.partial(json.dumps, separators=(",", ":"))  # as Go's encoder writes it
 
 _INT = re.compile(r"[+-]?\d+")
 
@@ -154,7 +158,7 @@ async def handle_activity(request: web.Request) -> web.Response:
     except Exception as exc:
         log.warning("activity.query_failed", error=str(exc))
         raise ClientError(500, "failed to get activity", "internal_error") from None
-    return web.json_response(page)
+    return web.json_response(page, dumps=_compact)
 
 
 async def handle_stats(request: web.Request) -> web.Response:
@@ -164,7 +168,7 @@ async def handle_stats(request: web.Request) -> web.Response:
     except Exception as exc:
         log.warning("activity.query_failed", error=str(exc))
         raise ClientError(500, "failed to get activity stats", "internal_error") from None
-    return web.json_response(result)
+    return web.json_response(result, dumps=_compact)
 
 
 async def handle_capture(request: web.Request) -> web.Response:
@@ -175,4 +179,4 @@ async def handle_capture(request: web.Request) -> web.Response:
     item = store.captures.get(capture_id) if store is not None and store.captures is not None else None
     if item is None:
         raise ClientError(404, "capture not found")
-    return web.json_response(item.to_json())
+    return web.json_response(item.to_json(), dumps=_compact)

@@ -133,15 +133,50 @@ def rfc3339(ts: int) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S") + zone
 
 
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def _body_error(record: RequestRecord) -> str:
+    """llama-swap's error text from a failed JSON answer: ``error.message``, ``error``, ``message``, ``detail``."""
+    capture = record.capture
+    if capture is None or not capture.response_body or sum(map(len, capture.response_body)) > _ERROR_BODY_LIMIT:
+        return ""
+    try:
+        body = json.loads(b"".join(capture.response_body))
+    except ValueError:
+        return ""
+    if not isinstance(body, dict):
+        return ""
+    error = body.get("error")
+    candidates = [
+        error.get("message") if isinstance(error, dict) else None,
+        error,
+        body.get("message"),
+        body.get("detail"),
+    ]
+    for value in candidates:
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""
+
+
 def error_message(record: RequestRecord) -> str:
-    if record.error:
-        return record.error[:500] + ("..." if len(record.error) > 500 else "")
+    """The row's ``error_msg``: the backend's own message for a failed answer, else swapd's reason, else the status."""
+    text = _body_error(record) if record.status != 200 else ""
+    text = text or record.error
+    if text:
+        return text[:500] + ("..." if len(text) > 500 else "")
     if record.status and record.status != 200:
         try:
             return f"{record.status} {HTTPStatus(record.status).phrase}"
         except ValueError:
             return f"HTTP {record.status}"
     return ""
+
+
+def _num(value: float) -> float | int:
+    """A float as Go's JSON writes it: ``100`` rather than ``100.0``."""
+    return int(value) if value.is_integer() and abs(value) < 1e21 else value
 
 
 def row_of(record: RequestRecord) -> tuple:
@@ -165,7 +200,7 @@ def row_of(record: RequestRecord) -> tuple:
     metadata = json.dumps(record.metadata, separators=(",", ":"), sort_keys=True) if record.metadata else ""
     return (
         record.id,
-        int(record.timestamp),
+        int(record.timestamp + record.duration_s),  # llama-swap stamps a row when the request ends
         record.model,
         record.path,
         record.content_type,
@@ -192,8 +227,8 @@ def entry_of(row: Sequence[Any], has_capture: bool = False) -> dict[str, Any]:
             "draft_acc_tokens": row[8],
             "input_tokens": row[9],
             "output_tokens": row[10],
-            "prompt_per_second": row[11],
-            "tokens_per_second": row[12],
+            "prompt_per_second": _num(row[11]),
+            "tokens_per_second": _num(row[12]),
         },
         "duration_ms": row[13],
         "has_capture": has_capture,
@@ -278,13 +313,16 @@ def histogram(values: Sequence[float]) -> dict[str, Any] | None:
     lo, hi = ordered[0], ordered[-1]
     p50, p95, p99 = (percentile(ordered, p) for p in (50, 95, 99))
     if lo == hi:
-        return {"bins": [len(values)], "min": lo, "max": hi, "binSize": 0.0, "p50": p50, "p95": p95, "p99": p99}
-    count = min(20, max(5, math.ceil(math.log2(len(values))) + 1))
-    size = (hi - lo) / count
-    bins = [0] * count
-    for value in values:
-        bins[min(math.floor((value - lo) / size), count - 1)] += 1
-    return {"bins": bins, "min": lo, "max": hi, "binSize": size, "p50": p50, "p95": p95, "p99": p99}
+        size = 0.0
+        bins = [len(values)]
+    else:
+        count = min(20, max(5, math.ceil(math.log2(len(values))) + 1))
+        size = (hi - lo) / count
+        bins = [0] * count
+        for value in values:
+            bins[min(math.floor((value - lo) / size), count - 1)] += 1
+    numbers = {"min": lo, "max": hi, "binSize": size, "p50": p50, "p95": p95, "p99": p99}
+    return {"bins": bins, **{k: _num(float(v)) for k, v in numbers.items()}}
 
 
 def stats(conn: sqlite3.Connection, model: str = "") -> dict[str, Any]:
