@@ -19,7 +19,8 @@ Endpoints:
 
 Extra request-body fields: "x_sleep" (seconds to sleep before answering),
 "x_echo" (non-streaming: content is the raw body length, plus "x_body_bytes" and
-"x_body_sha256"), "max_tokens" (overrides --chunks).
+"x_body_sha256"; streaming: the final chunk carries "x_headers", the request headers),
+"max_tokens" (overrides --chunks).
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ class FakeBackend:
         if body.get("stream") is True:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             timings = body.get("x_timings") is True
-            return await self._stream(request, chat, model, n, include_usage, timings, max(1, len(raw) // 4))
+            echo = dict(request.headers) if body.get("x_echo") is True else None
+            return await self._stream(request, chat, model, n, include_usage, timings, max(1, len(raw) // 4), echo)
 
         content = "".join(f"tok{i} " for i in range(n))
         prompt_tokens = max(1, len(raw) // 4)
@@ -228,6 +230,7 @@ class FakeBackend:
         include_usage: bool,
         timings: bool = False,
         prompt_n: int = 1,
+        echo_headers: dict[str, str] | None = None,
     ) -> web.StreamResponse:
         stats = self.stats
         interval = self.args.interval
@@ -281,10 +284,10 @@ class FakeBackend:
                 if chat
                 else {"index": 0, "text": "", "finish_reason": "stop"}
             )
+            extra: dict[str, Any] = {"x_headers": echo_headers} if echo_headers is not None else {}
             if timings:  # llama-server's final chunk carries its timings
-                await resp.write(chunk(final, timings=_timings(prompt_n, n)))
-            else:
-                await resp.write(chunk(final))
+                extra["timings"] = _timings(prompt_n, n)
+            await resp.write(chunk(final, **extra))
             if include_usage:
                 await resp.write(
                     b"data: "

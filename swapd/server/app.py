@@ -29,6 +29,7 @@ from swapd.server.routing import (
 )
 from swapd.server.runtime import Runtime
 from swapd.server.slowclient import HeaderDeadline
+from swapd.telemetry.otel import make_tracer
 
 log = get_logger("swapd.server")
 
@@ -310,6 +311,16 @@ async def _preload(rt: Runtime) -> None:
         log.info("preload.done", model=model_id, seconds=round(time.monotonic() - t0, 3))
 
 
+async def _tracing(app: web.Application):
+    """OpenTelemetry traces when the config or the OTEL_* environment asks (swapd.telemetry.otel)."""
+    rt = app[RUNTIME]
+    tracer = rt.telemetry.tracer = make_tracer(rt.config)
+    yield
+    if tracer is not None:
+        rt.telemetry.tracer = None
+        await tracer.close()
+
+
 def create_app(config: Config) -> web.Application:
     # Outermost first: errors are rendered for everything, preflights need no key.
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, access_middleware])
@@ -370,5 +381,6 @@ def create_app(config: Config) -> web.Application:
     activity_api.install(app)
     gpu_api.install(app)
     metrics_api.install(app)
+    app.cleanup_ctx.append(_tracing)
     r.add_route("*", "/{tail:.*}", handle_not_found)
     return app
