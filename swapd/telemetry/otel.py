@@ -242,6 +242,8 @@ def _guarded_exporter(inner: Any, reporter: _Reporter, tap: _OtelLogTap) -> Any:
             return result
 
         def shutdown(self) -> None:
+            if self.closing:
+                return
             self.closing = True
             inner.shutdown()
 
@@ -440,25 +442,56 @@ class OtelTracer:
         span.end(end_time=end_ns)
 
     async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Flush what is queued (up to ``timeout`` seconds, off the event loop), then shut the provider down."""
+        """Flush what is queued (up to ``timeout`` seconds), then shut the provider down.
+
+        The work runs on a daemon thread of its own, not the loop's default
+        executor: an export stuck on an unresponsive collector can hold
+        neither the event loop nor the process's exit.
+        """
         if self._closed:
             return
         self._closed = True
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def run() -> None:
+            try:
+                self._shutdown(timeout)
+            finally:
+                try:
+                    loop.call_soon_threadsafe(finished)
+                except RuntimeError:  # the loop is already closed
+                    pass
+
+        threading.Thread(target=run, name="swapd-otel-close", daemon=True).start()
         try:
-            await asyncio.wait_for(asyncio.to_thread(self._shutdown, timeout), timeout + 2.0)
+            await asyncio.wait_for(done, timeout + 2.0)
         except TimeoutError:
             log.warning("telemetry.close_timeout", seconds=timeout, message="spans still queued were dropped")
 
     def _shutdown(self, timeout: float) -> None:
-        try:
-            self._processor.force_flush(int(timeout * 1000))
-        except Exception as exc:  # pragma: no cover
-            log.warning("telemetry.flush_failed", error=str(exc))
-        self._exporter.closing = True  # whatever is left is dropped without a network call
+        # The SDK's force_flush ignores its timeout (opentelemetry-python#4568) and
+        # blocks for as long as the exporter retries, so it gets a thread and a join.
+        flusher = threading.Thread(target=self._flush_quietly, name="swapd-otel-flush", daemon=True)
+        flusher.start()
+        flusher.join(timeout)
+        # Stop the exporter first: it aborts a retry back-off under way, and what is
+        # left is dropped without a network call; then the processor's worker ends.
+        self._exporter.shutdown()
         try:
             self.provider.shutdown()
         except Exception as exc:  # pragma: no cover
             log.warning("telemetry.shutdown_failed", error=str(exc))
+
+    def _flush_quietly(self) -> None:
+        try:
+            self._processor.force_flush()
+        except Exception as exc:  # pragma: no cover
+            log.warning("telemetry.flush_failed", error=str(exc))
 
     def force_flush(self, timeout: float = 5.0) -> bool:
         """Export what is queued now (tests, benchmarks); blocks, so not for the event loop."""
