@@ -11,6 +11,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("opentelemetry.sdk.trace")
 pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
@@ -27,6 +29,7 @@ pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
 from helpers import PY, ROOT, model, wait_until  # noqa: E402
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 
+from swapd.config import load_config_text  # noqa: E402
 from swapd.config._model import TelemetrySettings  # noqa: E402
 from swapd.telemetry import otel  # noqa: E402
 from swapd.telemetry.record import RequestRecord, Tokens, Wait  # noqa: E402
@@ -599,6 +602,36 @@ def test_end_to_end_without_tracing_sends_no_traceparent(swapd):
     echoed = {k.lower(): v for k, v in next(e["x_headers"] for e in events if "x_headers" in e).items()}
     # swapd relays the client's own traceparent untouched when it is not tracing
     assert echoed.get("traceparent") in (None, TRACEPARENT)
+
+
+# -- the documentation's examples ---------------------------------------------------
+
+DOC = ROOT / "docs" / "integrations" / "opentelemetry.md"
+
+
+def _yaml_blocks(text: str) -> list[str]:
+    return re.findall(r"```yaml\n(.*?)```", text, re.S)
+
+
+def test_the_docs_config_blocks_load():
+    blocks = [b for b in _yaml_blocks(DOC.read_text()) if b.startswith("telemetry:")]
+    assert len(blocks) == 2
+    env = {"COLLECTOR_TOKEN": "t0k", "LANGFUSE_AUTH": "cGs6c2s="}
+    main = load_config_text(blocks[0] + "models:\n  m:\n    cmd: x --port ${PORT}\n", environ=env)
+    t = main.observe.telemetry
+    assert t.enabled and t.endpoint == "http://collector:4318" and t.service_name == "swapd-gpu1"
+    assert dict(t.headers) == {"Authorization": "Bearer t0k"}
+    assert t.sample_ratio == 1.0 and t.export_timeout == 10.0
+    langfuse = load_config_text(blocks[1] + "models:\n  m:\n    cmd: x --port ${PORT}\n", environ=env)
+    t = langfuse.observe.telemetry
+    assert t.enabled and dict(t.headers) == {"Authorization": "Basic cGs6c2s="}
+    assert otel._traces_url(t.endpoint) == "https://cloud.langfuse.com/api/public/otel/v1/traces"
+
+
+def test_the_docs_collector_config_has_an_otlp_http_receiver():
+    collector = next(yaml.safe_load(b) for b in _yaml_blocks(DOC.read_text()) if b.startswith("# otelcol"))
+    assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    assert collector["service"]["pipelines"]["traces"]["receivers"] == ["otlp"]
 
 
 if __name__ == "__main__":  # pragma: no cover
