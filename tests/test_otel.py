@@ -418,6 +418,44 @@ def test_the_exporters_own_logging_is_kept_not_printed():
     assert "export" in otel._TAP.last
 
 
+def test_other_sdk_messages_are_logged_once_a_minute(monkeypatch):
+    seen: list[tuple[str, dict]] = []
+
+    class Log:
+        def warning(self, event, **kw):
+            seen.append((event, kw))
+
+    monkeypatch.setattr(otel, "log", Log())
+    tap = otel._OtelLogTap()
+    sdk = logging.getLogger("opentelemetry.sdk._shared_internal")
+    for _ in range(5):
+        tap.handle(sdk.makeRecord(sdk.name, logging.WARNING, __file__, 1, "Queue full, dropping %s.", ("span",), None))
+    tap.handle(sdk.makeRecord("opentelemetry.exporter.x", logging.ERROR, __file__, 1, "Failed to export", (), None))
+    assert seen == [
+        ("telemetry.otel_log", {"logger": sdk.name, "level": "WARNING", "message": "Queue full, dropping span."})
+    ]
+    assert tap.last == "Failed to export"
+
+
+def test_the_batch_processor_reads_otel_bsp(monkeypatch, receiver):
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "77")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "7")
+    tracer = tracer_for(receiver.url)
+    try:
+        batch = tracer._processor._batch_processor
+        assert (batch._schedule_delay_millis, batch._max_queue_size, batch._max_export_batch_size) == (20, 77, 7)
+        rec = record()
+        t = time.monotonic()
+        tracer.start(rec)
+        answer(rec)
+        tracer.finish(rec)
+        receiver.wait_spans(1, timeout=2)  # no force_flush: the 20 ms schedule sends it
+        assert time.monotonic() - t < 2
+    finally:
+        close(tracer)
+
+
 def test_close_is_bounded_with_a_dead_collector():
     tracer = tracer_for(f"http://127.0.0.1:{dead_port()}", export_timeout=30)
     for _ in range(10):

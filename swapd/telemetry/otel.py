@@ -146,23 +146,39 @@ def _ratio(settings: TelemetrySettings | None) -> float:
 
 
 class _OtelLogTap(logging.Handler):
-    """The OpenTelemetry loggers' records: kept (the last one says why an export failed), not printed.
+    """The OpenTelemetry loggers' records, on swapd's terms.
 
     The OTLP exporter logs every retry and every failed batch; with a dead
-    collector that is a line every few seconds. swapd reports failures
-    itself (``telemetry.export_failed``, rate-limited), quoting the last
-    message seen here.
+    collector that is a line every few seconds. Those records (loggers under
+    ``opentelemetry.exporter``) are kept, not printed: swapd reports failed
+    exports itself (``telemetry.export_failed``, rate-limited) and quotes the
+    last of them as the reason. Anything else the SDK has to say (a full
+    queue, a malformed ``OTEL_*`` value) becomes a ``telemetry.otel_log``
+    warning, once a minute at most for each kind of message.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, every: float = WARN_EVERY_S) -> None:
         super().__init__(level=logging.WARNING)
         self.last = ""
+        self.every = every
+        self._seen: dict[tuple[str, str], float] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.last = record.getMessage()[:300]
+            message = record.getMessage()[:300]
+            if record.name.startswith("opentelemetry.exporter"):
+                self.last = message
+                return
+            kind = (record.name, str(record.msg))
+            now = time.monotonic()
+            if now - self._seen.get(kind, -1e18) < self.every:
+                return
+            if len(self._seen) > 256:
+                self._seen.clear()
+            self._seen[kind] = now
+            log.warning("telemetry.otel_log", logger=record.name, level=record.levelname, message=message)
         except Exception:  # pragma: no cover - a log line must never break the exporter
-            self.last = str(record.msg)[:300]
+            pass
 
 
 _TAP: _OtelLogTap | None = None
