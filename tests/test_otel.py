@@ -352,6 +352,15 @@ def test_when_tracing_is_off(monkeypatch):
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert otel.make_tracer(None) is None
     monkeypatch.delenv("OTEL_TRACES_EXPORTER")
+    off = load_config_text("telemetry:\n  enabled: false\nmodels:\n  m:\n    cmd: x --port ${PORT}\n", environ={})
+    assert otel.make_tracer(off) is None  # the config's explicit false wins over the environment
+
+    def broken(settings):
+        raise RuntimeError("Requested component 'x' not found")  # e.g. a bad credential provider
+
+    with monkeypatch.context() as m:
+        m.setattr(otel, "OtelTracer", broken)
+        assert otel.make_tracer(None) is None  # swapd serves untraced
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     assert otel.make_tracer(TelemetrySettings(enabled=True, endpoint="http://127.0.0.1:1")) is None
 

@@ -37,7 +37,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from swapd.logging import get_logger
@@ -95,6 +95,8 @@ def make_tracer(config: Any) -> OtelTracer | None:
     OpenTelemetry packages are missing.
     """
     settings = _settings_of(config)
+    if _explicitly_off(config):
+        return None  # ``telemetry: {enabled: false}`` wins over an OTEL_* environment
     if _env_true("OTEL_SDK_DISABLED"):
         if settings is not None and settings.enabled:
             log.info("telemetry.tracing_off", reason="OTEL_SDK_DISABLED=true")
@@ -116,7 +118,17 @@ def make_tracer(config: Any) -> OtelTracer | None:
     )
     if protocol.strip() and protocol.strip().lower() != "http/protobuf":
         log.warning("telemetry.protocol_ignored", protocol=protocol, message="swapd exports OTLP over http/protobuf")
-    return OtelTracer(settings)
+    try:
+        return OtelTracer(settings)
+    except Exception as exc:  # a bad OTEL_* value (certificate, credential provider): serve untraced
+        log.error("telemetry.tracing_failed", error=f"{type(exc).__name__}: {exc}", message="tracing is off")
+        return None
+
+
+def _explicitly_off(config: Any) -> bool:
+    raw = getattr(config, "raw", None)
+    block = raw.get("telemetry") if isinstance(raw, Mapping) else None
+    return isinstance(block, Mapping) and block.get("enabled") is False
 
 
 def _settings_of(config: Any) -> TelemetrySettings | None:
