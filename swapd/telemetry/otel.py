@@ -41,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from swapd.logging import get_logger
+from swapd.redact import redact_url
 from swapd.telemetry.record import RequestRecord, operation_for
 
 if TYPE_CHECKING:
@@ -331,7 +332,7 @@ class OtelTracer:
                 if settings.export_timeout != 10.0 or not env_timeout:  # 10 s is the block's default
                     kwargs["timeout"] = settings.export_timeout
             exporter = OTLPSpanExporter(**kwargs)
-        self.endpoint = str(getattr(exporter, "_endpoint", "") or "")
+        self.endpoint = redact_url(str(getattr(exporter, "_endpoint", "") or ""))  # for log lines
         self.reporter = _Reporter(self.endpoint)
         self._exporter = _guarded_exporter(exporter, self.reporter, _tap())
         self._processor = BatchSpanProcessor(self._exporter)  # OTEL_BSP_* are read here
