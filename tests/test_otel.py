@@ -452,8 +452,13 @@ def test_the_batch_processor_reads_otel_bsp(monkeypatch, receiver):
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "7")
     tracer = tracer_for(receiver.url)
     try:
-        batch = tracer._processor._batch_processor
-        assert (batch._schedule_delay_millis, batch._max_queue_size, batch._max_export_batch_size) == (20, 77, 7)
+        batch = getattr(tracer._processor, "_batch_processor", None)
+        if batch is not None:  # SDK 1.33 and later
+            read = (batch._schedule_delay_millis, batch._max_queue_size, batch._max_export_batch_size)
+        else:
+            bsp = tracer._processor
+            read = (bsp.schedule_delay_millis, bsp.max_queue_size, bsp.max_export_batch_size)
+        assert read == (20, 77, 7)
         rec = record()
         t = time.monotonic()
         tracer.start(rec)
