@@ -556,20 +556,23 @@ def test_per_request_cost(receiver, capsys):
 # -- end to end: a real swapd process ---------------------------------------------
 
 
-def _stream_with_traceparent(port: int, body: dict) -> tuple[int, list[dict]]:
+def _post_with_traceparent(port: int, body: dict, traceparent: str = TRACEPARENT) -> tuple[int, list[dict]]:
+    """POST a chat completion with ``traceparent``; the data events of a stream, or the one JSON answer."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         conn.request(
             "POST",
             "/v1/chat/completions",
             body=json.dumps(body),
-            headers={"Content-Type": "application/json", "traceparent": TRACEPARENT},
+            headers={"Content-Type": "application/json", "traceparent": traceparent},
         )
         resp = conn.getresponse()
-        events = []
-        for line in resp.read().decode().splitlines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                events.append(json.loads(line[6:]))
+        text = resp.read().decode()
+        if not body.get("stream"):
+            return resp.status, [json.loads(text)]
+        events = [
+            json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"
+        ]
         return resp.status, events
     finally:
         conn.close()
@@ -578,7 +581,7 @@ def _stream_with_traceparent(port: int, body: dict) -> tuple[int, list[dict]]:
 def test_end_to_end_streamed_chat_is_traced(swapd, receiver):
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_SERVICE_NAME": "e2e"}
     s = swapd({"qwen": model("--load-delay", "0.3", aliases=["q"])}, env=env)
-    status, events = _stream_with_traceparent(
+    status, events = _post_with_traceparent(
         s.port,
         {
             "model": "q",
@@ -586,36 +589,63 @@ def test_end_to_end_streamed_chat_is_traced(swapd, receiver):
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 4,
-            "x_echo": True,
         },
     )
     assert status == 200
-    echoed = next(e["x_headers"] for e in events if "x_headers" in e)
-    backend_traceparent = {k.lower(): v for k, v in echoed.items()}["traceparent"]
-    assert backend_traceparent.split("-")[1] == TRACE_ID
     usage = next(e["usage"] for e in events if e.get("usage"))
 
     spans = {sp.name: sp for sp in receiver.wait_spans(2, timeout=15)}
     main = spans["chat q"]
     assert main.trace_id.hex() == TRACE_ID
     assert main.parent_span_id.hex() == PARENT_ID
-    assert main.span_id.hex() == backend_traceparent.split("-")[2]  # the backend's parent is swapd's span
     a = attrs(main.attributes)
     assert a["gen_ai.operation.name"] == "chat"
     assert a["gen_ai.request.model"] == "q"
+    assert a["gen_ai.request.stream"] is True
     assert a["swapd.model"] == "qwen"
     assert a["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
     assert a["gen_ai.usage.output_tokens"] == usage["completion_tokens"] == 4
-    assert a["gen_ai.response.finish_reasons"] == ["stop"]
     assert a["http.response.status_code"] == 200
     assert a["swapd.waited"] == "start"
     assert a["swapd.time_to_first_token_s"] > 0
+    assert a["swapd.queued_s"] >= 0.25  # it waited for the --load-delay
     start = spans["swapd.model_start"]
     assert start.parent_span_id == main.span_id
     assert start.end_time_unix_nano - start.start_time_unix_nano >= 0.25e9  # the --load-delay
     assert main.start_time_unix_nano <= start.start_time_unix_nano < start.end_time_unix_nano
     assert start.end_time_unix_nano <= main.end_time_unix_nano
     assert receiver.resources()[0]["service.name"] == "e2e"
+
+    # the backend is called with swapd's span as the parent, in the caller's trace
+    other_parent = "1111111111111111"
+    status, (answer_,) = _post_with_traceparent(
+        s.port,
+        {"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "x_echo": True},
+        f"00-{TRACE_ID}-{other_parent}-01",
+    )
+    assert status == 200
+    backend = {k.lower(): v for k, v in answer_["x_headers"].items()}["traceparent"]
+    _, trace_id, parent_id, flags = backend.split("-")
+    assert trace_id == TRACE_ID and int(flags, 16) & 1
+    spans = receiver.wait_spans(3, timeout=15)
+    second = next(sp for sp in spans if sp.parent_span_id.hex() == other_parent)
+    assert second.span_id.hex() == parent_id
+    assert attrs(second.attributes)["gen_ai.response.finish_reasons"] == ["stop"]
+    assert attrs(second.attributes)["swapd.waited"] == ""
+
+
+def test_end_to_end_a_streamed_backend_sees_the_trace(swapd, receiver):
+    s = swapd({"qwen": model()}, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50"})
+    status, events = _post_with_traceparent(
+        s.port, {"model": "qwen", "stream": True, "messages": [{"role": "user", "content": "hi"}], "x_echo": True}
+    )
+    assert status == 200
+    backend = {k.lower(): v for k, v in next(e["x_headers"] for e in events if "x_headers" in e).items()}
+    _, trace_id, parent_id, _ = backend["traceparent"].split("-")
+    assert trace_id == TRACE_ID
+    receiver.wait_spans(2, timeout=15)  # the request and its cold start
+    span = next(sp for sp in receiver.spans() if sp.name == "chat qwen")
+    assert span.span_id.hex() == parent_id and span.trace_id.hex() == TRACE_ID
 
 
 def test_end_to_end_dead_collector(swapd):
@@ -647,7 +677,7 @@ def test_end_to_end_dead_collector(swapd):
 
 def test_end_to_end_without_tracing_sends_no_traceparent(swapd):
     s = swapd({"qwen": model()})
-    status, events = _stream_with_traceparent(
+    status, events = _post_with_traceparent(
         s.port, {"model": "qwen", "stream": True, "messages": [{"role": "user", "content": "hi"}], "x_echo": True}
     )
     assert status == 200

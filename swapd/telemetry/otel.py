@@ -412,7 +412,8 @@ class OtelTracer:
         attributes: dict[str, Any] = {
             "swapd.waited": record.waited,
             "swapd.queued_s": round(record.queued_s, 6),
-            "gen_ai.request.stream": record.client_stream,
+            # the client's ask; until routing fills client_stream, an event-stream answer says it asked
+            "gen_ai.request.stream": record.client_stream or record.stream,
         }
         if operation:
             attributes["gen_ai.operation.name"] = operation
