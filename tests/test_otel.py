@@ -646,6 +646,23 @@ def test_end_to_end_a_streamed_backend_sees_the_trace(swapd, receiver):
     receiver.wait_spans(2, timeout=15)  # the request and its cold start
     span = next(sp for sp in receiver.spans() if sp.name == "chat qwen")
     assert span.span_id.hex() == parent_id and span.trace_id.hex() == TRACE_ID
+    # the stream's finish reason is found however its last events were split into reads
+    for _ in range(15):
+        status, _ = _post_with_traceparent(
+            s.port,
+            {
+                "model": "qwen",
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "hi"}],
+                "x_echo": True,
+            },
+        )
+        assert status == 200
+    spans = receiver.wait_spans(17, timeout=15)
+    streamed = [sp for sp in spans if sp.name == "chat qwen"][1:]
+    assert len(streamed) == 15
+    assert all(attrs(sp.attributes).get("gen_ai.response.finish_reasons") == ["stop"] for sp in streamed)
 
 
 def test_end_to_end_dead_collector(swapd):

@@ -273,24 +273,24 @@ async def relay(
 
 
 async def _relay_loop(upstream, response: web.StreamResponse, record: RequestRecord) -> tuple[float, bytes, bytes]:
-    """The write loop, keeping what telemetry reads: first byte time, first piece, last two pieces."""
+    """The write loop, keeping what telemetry reads: first byte time, first piece, last four pieces."""
     read_chunk = upstream.read_chunk
     write = response.write
     pieces = record.capture.response_body if record.capture is not None else None
     first = 0.0
-    head = prev = last = b""
+    head = p3 = p2 = prev = last = b""
     try:
         while chunk := await read_chunk():
             if not first:
                 first = time.monotonic()
                 head = chunk
-            prev, last = last, chunk
+            p3, p2, prev, last = p2, prev, last, chunk
             if pieces is not None:
                 pieces.append(chunk)
             await write(chunk)
     finally:
         record.first_byte = first
-    return first, head, prev + last
+    return first, head, b"".join((p3, p2, prev, last))
 
 
 def _account(record: RequestRecord, first: float, head: bytes, tail: bytes) -> None:

@@ -233,6 +233,7 @@ def _begin_record(request: web.Request, rt, model_id: str, requested: str, body,
         "POST", request.path, model_id, requested=requested, peer=peer, headers=request.headers, t0=t0
     )
     record.operation = operation_for(request.path)
+    record.client_stream = request.get("swapd.client_stream", False)
     if telemetry.capture_bytes and isinstance(body, (bytes, bytearray)) and len(body) <= telemetry.capture_bytes:
         record.capture = Capture(dict(request.headers), bytes(body))
     request["swapd.record"] = record
@@ -434,6 +435,7 @@ async def _route_json(
     request: web.Request, target: ModelConfig | tuple[PeerConfig, str], body, stream: bool, requested=""
 ) -> web.StreamResponse:
     requested = requested if isinstance(requested, str) else ""
+    request["swapd.client_stream"] = stream
     path_qs = request.raw_path
     if path_qs.startswith("/v/"):  # llama-swap's versionless aliases forward without the /v
         path_qs = path_qs[2:]

@@ -153,6 +153,8 @@ class _Exchange:
         "spoilt",
         "first_at",
         "head_piece",
+        "prev3_piece",
+        "prev2_piece",
         "prev_piece",
         "last_piece",
         "tap",
@@ -175,9 +177,11 @@ class _Exchange:
         self.got_any = False
         self.spoilt = False  # bytes after the response: the connection's framing cannot be trusted
         # what telemetry reads once the body has ended: when the first body byte came, the first
-        # piece and the last two (usage and timings sit at the end), and every piece when captured
+        # piece and the last four (usage and timings sit at the end), and every piece when captured
         self.first_at = 0.0
         self.head_piece = b""
+        self.prev3_piece = b""
+        self.prev2_piece = b""
         self.prev_piece = b""
         self.last_piece = b""
         self.tap: list[bytes] | None = None
@@ -218,6 +222,8 @@ class _Exchange:
         if not self.first_at:
             self.first_at = time.monotonic()
             self.head_piece = data
+        self.prev3_piece = self.prev2_piece
+        self.prev2_piece = self.prev_piece
         self.prev_piece = self.last_piece
         self.last_piece = data
         if self.tap is not None:
@@ -456,9 +462,13 @@ class UpstreamResponse:
         return b"".join(parts)
 
     def observed(self) -> tuple[float, bytes, bytes]:
-        """(monotonic time of the first body byte or 0, the first piece, the last two pieces joined)."""
+        """(monotonic time of the first body byte or 0, the first piece, the last four pieces joined).
+
+        Four: a stream's end is often one read per event (the finish_reason chunk,
+        the usage chunk, ``[DONE]``), and each may come alone.
+        """
         ex = self._exchange
-        return ex.first_at, ex.head_piece, ex.prev_piece + ex.last_piece
+        return ex.first_at, ex.head_piece, b"".join((ex.prev3_piece, ex.prev2_piece, ex.prev_piece, ex.last_piece))
 
     def capture_into(self, pieces: list[bytes]) -> None:
         """Also append every body piece still to come to ``pieces`` (captures)."""

@@ -412,7 +412,7 @@ class OtelTracer:
         attributes: dict[str, Any] = {
             "swapd.waited": record.waited,
             "swapd.queued_s": round(record.queued_s, 6),
-            # the client's ask; until routing fills client_stream, an event-stream answer says it asked
+            # the client's ask (routing reads the body's "stream"); an event-stream answer also says it asked
             "gen_ai.request.stream": record.client_stream or record.stream,
         }
         if operation:

@@ -1,6 +1,6 @@
 """Token counts from a response, read after it went out and never from more than its ends.
 
-A streamed answer keeps its first and its last two pieces (``_Exchange``
+A streamed answer keeps its first and its last four pieces (``_Exchange``
 keeps them for the splice path, the relay loop for the others); a whole JSON
 answer is already in memory. Either way the search starts at the end: the
 last ``"usage"`` object that is not null, llama-server's last ``"timings"``,
