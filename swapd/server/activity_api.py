@@ -51,6 +51,7 @@ def install_sinks(rt: Runtime, settings: ObserveSettings) -> ActivityStore:
         captures=captures,
         on_activity=rt.events.on_activity,
     )
+    store.activity_wanted = rt.events.has_event_subscribers
     telemetry.sinks.append(store)
     if settings.log_requests:
         telemetry.sinks.append(RequestLogSink())

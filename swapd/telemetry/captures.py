@@ -156,12 +156,23 @@ def build(record_id: int, path: str, status: int, capture: Capture, limit: int =
     return StoredCapture(record_id, path, req_headers, req_body, resp_headers, resp_body, size)
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A capture as the relay left it, not yet in llama-swap's shape."""
+
+    id: int
+    path: str
+    status: int
+    capture: Capture
+    size: int
+
+
 class CaptureStore:
     """Captures by activity id under a byte cap, oldest evicted first (thread safe)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: collections.OrderedDict[int, StoredCapture] = collections.OrderedDict()
+        self._items: collections.OrderedDict[int, StoredCapture | _Pending] = collections.OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
 
@@ -176,7 +187,7 @@ class CaptureStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, item: StoredCapture) -> bool:
+    def add(self, item: StoredCapture | _Pending) -> bool:
         if not self.enabled:
             return False
         if item.size > self.max_bytes:
@@ -193,9 +204,38 @@ class CaptureStore:
             self._size += item.size
         return True
 
+    def add_record(self, record_id: int, path: str, status: int, capture: Capture) -> bool:
+        """Keep a request's capture as it is; llama-swap's shape is built when it is asked for.
+
+        This runs on the event loop for every request, so it only measures: the
+        headers are canonicalised, the bodies joined and decoded in ``get``.
+        """
+        if not self.enabled or capture.truncated:
+            return False
+        size = len(path) + len(capture.request_body) + capture.response_size
+        for headers in (capture.request_headers, capture.response_headers):
+            for k, v in headers.items():
+                size += len(k) + len(v)
+        if size > self.max_bytes:
+            log.warning("capture.too_large", id=record_id, bytes=size, buffer=self.max_bytes)
+            return False
+        return self.add(_Pending(record_id, path, status, capture, size))
+
     def get(self, capture_id: int) -> StoredCapture | None:
         with self._lock:
-            return self._items.get(capture_id)
+            item = self._items.get(capture_id)
+        if isinstance(item, _Pending):
+            built = build(item.id, item.path, item.status, item.capture, self.max_bytes)
+            with self._lock:
+                if self._items.get(capture_id) is item:
+                    if built is None:
+                        del self._items[capture_id]
+                        self._size -= item.size
+                    else:
+                        self._items[capture_id] = built
+                        self._size += built.size - item.size
+            return built
+        return item
 
     def has(self, capture_id: int) -> bool:
         with self._lock:

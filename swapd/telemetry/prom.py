@@ -104,27 +104,48 @@ class RequestMetrics:
             registry=registry,
         )
         self.stops = Counter("swapd_model_stops", "Model stops by reason", ("model", "reason"), registry=registry)
+        # labels() looks the child up under a lock each time; the request path keeps its own map
+        self._by_model: dict[str, tuple[Any, ...]] = {}
+        self._by_status: dict[tuple[str, int], Any] = {}
 
     # -- RequestSink -----------------------------------------------------------------
+    def _children(self, model: str) -> tuple[Any, ...]:
+        children = self._by_model.get(model)
+        if children is None:
+            children = self._by_model[model] = (
+                self.duration.labels(model),
+                self.ttft.labels(model),
+                self.prompt_tokens.labels(model),
+                self.completion_tokens.labels(model),
+                self.cached_tokens.labels(model),
+                self.tps.labels(model),
+            )
+        return children
+
     def request_done(self, record: RequestRecord) -> None:
         model = record.model
-        self.requests.labels(model, str(record.status or 0)).inc()
-        self.duration.labels(model).observe(record.duration_s)
+        key = (model, record.status)
+        counter = self._by_status.get(key)
+        if counter is None:
+            counter = self._by_status[key] = self.requests.labels(model, str(record.status or 0))
+        counter.inc()
+        duration, ttft_h, prompt, completion, cached, tps = self._children(model)
+        duration.observe(record.duration_s)
         ttft = record.ttft_s
         if ttft is not None:
-            self.ttft.labels(model).observe(ttft)
+            ttft_h.observe(ttft)
         tokens = record.tokens
         if tokens is None:
             return
         if tokens.input > 0:
-            self.prompt_tokens.labels(model).inc(tokens.input)
+            prompt.inc(tokens.input)
         if tokens.output > 0:
-            self.completion_tokens.labels(model).inc(tokens.output)
+            completion.inc(tokens.output)
         if tokens.cache > 0:
-            self.cached_tokens.labels(model).inc(tokens.cache)
+            cached.inc(tokens.cache)
         rate = generation_rate(record)
         if rate is not None:
-            self.tps.labels(model).observe(rate)
+            tps.observe(rate)
 
     # -- ModelSink -----------------------------------------------------------------------
     def model_started(self, model: str, seconds: float, ok: bool) -> None:
@@ -139,6 +160,9 @@ class RequestMetrics:
 
     def forget(self, model: str) -> None:
         """Drop a model's series (it left the config on a reload)."""
+        self._by_model.pop(model, None)
+        for key in [k for k in self._by_status if k[0] == model]:
+            del self._by_status[key]
         for metric in (self.duration, self.ttft, self.prompt_tokens, self.completion_tokens, self.cached_tokens):
             _remove(metric, model)
         for metric in (self.tps, self.starts, self.start_failures, self.start_seconds):

@@ -171,12 +171,15 @@ def finish_reasons(tail: bytes, *, stream: bool) -> tuple[str, ...]:
 
 def response_model(tail: bytes) -> str:
     """The last ``"model"`` string in the response ("" when there is none)."""
-    last = None
-    for last in _MODEL_RE.finditer(tail):  # noqa: B007 - only the last match is wanted
-        pass
-    if last is None:
-        return ""
-    try:
-        return json.loads(b'"' + last.group(1) + b'"')
-    except ValueError:
-        return ""
+    end = len(tail)
+    while True:
+        at = tail.rfind(b'"model"', 0, end)
+        if at < 0:
+            return ""
+        match = _MODEL_RE.match(tail, at)
+        if match is not None:
+            try:
+                return json.loads(b'"' + match.group(1) + b'"')
+            except ValueError:
+                return ""
+        end = at

@@ -115,6 +115,9 @@ class EventHub:
     def on_backend_state(self, backend, old, new) -> None:
         self.models_changed()
 
+    def has_event_subscribers(self) -> bool:
+        return bool(self._events)
+
     def on_activity(self, entry: dict[str, Any]) -> None:
         """A request was recorded: llama-swap's ``activity`` message carries only the row id."""
         if not self._events:
