@@ -209,7 +209,7 @@ async def relay(
             record.content_type = content_type
             record.stream = event_stream
             if record.capture is not None:
-                record.capture.response_headers = dict(upstream_headers)
+                record.capture.response_headers = upstream_headers
         if (
             not event_stream
             and length is not None

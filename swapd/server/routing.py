@@ -235,7 +235,7 @@ def _begin_record(request: web.Request, rt, model_id: str, requested: str, body,
     record.operation = operation_for(request.path)
     record.client_stream = request.get("swapd.client_stream", False)
     if telemetry.capture_bytes and isinstance(body, (bytes, bytearray)) and len(body) <= telemetry.capture_bytes:
-        record.capture = Capture(dict(request.headers), bytes(body))
+        record.capture = Capture(request.headers, bytes(body))  # the parsed headers are immutable: no copy
     request["swapd.record"] = record
     return record
 

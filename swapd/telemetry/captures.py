@@ -25,6 +25,7 @@ import base64
 import collections
 import threading
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +64,7 @@ def canonical_header(name: str) -> str:
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
 
 
-def header_map(headers: dict[str, str]) -> dict[str, str]:
+def header_map(headers: Mapping[str, str]) -> dict[str, str]:
     """One value per canonical name (the first, as Go's ``headerMap``), secrets redacted."""
     out: dict[str, str] = {}
     for name, value in headers.items():
@@ -156,6 +157,9 @@ def build(record_id: int, path: str, status: int, capture: Capture, limit: int =
     return StoredCapture(record_id, path, req_headers, req_body, resp_headers, resp_body, size)
 
 
+HEADER_BYTES = 32
+
+
 @dataclass(slots=True)
 class _Pending:
     """A capture as the relay left it, not yet in llama-swap's shape."""
@@ -212,10 +216,9 @@ class CaptureStore:
         """
         if not self.enabled or capture.truncated:
             return False
+        # headers are counted at HEADER_BYTES each until the capture is built (exactly, then)
         size = len(path) + len(capture.request_body) + capture.response_size
-        for headers in (capture.request_headers, capture.response_headers):
-            for k, v in headers.items():
-                size += len(k) + len(v)
+        size += HEADER_BYTES * (len(capture.request_headers) + len(capture.response_headers))
         if size > self.max_bytes:
             log.warning("capture.too_large", id=record_id, bytes=size, buffer=self.max_bytes)
             return False

@@ -10,6 +10,7 @@ counting never holds a chunk back.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,9 +53,9 @@ class Wait:
 class Capture:
     """A request and its response as sent, for ``/api/captures/{id}`` (only when ``captureBuffer`` is set)."""
 
-    request_headers: dict[str, str]
+    request_headers: Mapping[str, str]  # the request's own (immutable) headers, not a copy
     request_body: bytes
-    response_headers: dict[str, str] = field(default_factory=dict)
+    response_headers: Mapping[str, str] = field(default_factory=dict)
     response_body: list[bytes] = field(default_factory=list)  # the pieces as relayed
     response_size: int = 0
     truncated: bool = False
