@@ -129,7 +129,11 @@ def _finish_record(request: web.Request, record, answered: web.StreamResponse | 
     else:  # cancelled: the client went away
         record.status = record.status or 499
         record.error = record.error or "client_disconnected"
-    request.app[RUNTIME].telemetry.finish(record)
+    if not record.end:
+        record.end = time.monotonic()
+    # After this step: aiohttp writes a whole answer when the handler returns, so the sinks
+    # (the tail search, Prometheus, the activity row, the span) must not run before that write.
+    asyncio.get_running_loop().call_soon(request.app[RUNTIME].telemetry.finish, record)
 
 
 def _refused(request: web.Request, response: web.Response, outcome: str) -> web.Response:

@@ -29,7 +29,6 @@ from swapd.server.upstream import (
     UpstreamProtocolError,
     UpstreamResponse,
 )
-from swapd.telemetry import usage
 from swapd.telemetry.record import RequestRecord
 
 # aiohttp's session used 30 s; a model's timeouts.connect overrides it
@@ -294,17 +293,13 @@ async def _relay_loop(upstream, response: web.StreamResponse, record: RequestRec
 
 
 def _account(record: RequestRecord, first: float, head: bytes, tail: bytes) -> None:
-    """Read the tokens (and finish reasons, model) from the ends of a body that has gone out."""
+    """Keep what telemetry reads once the request is finished: the first byte's time and the body's ends."""
     if first and not record.first_byte:
         record.first_byte = first
     if record.capture is not None:
         record.capture.response_size = sum(map(len, record.capture.response_body))
-    if not tail or record.status >= 400:
-        return
-    stream = record.stream
-    record.tokens = usage.read_tokens(tail, head, stream=stream)
-    record.finish_reasons = usage.finish_reasons(tail, stream=stream)
-    record.response_model = usage.response_model(tail)
+    if tail and record.status < 400:
+        record.body_ends = (head, tail)  # read by telemetry.usage.account, after the answer went out
 
 
 def _copy_headers(source: CIMultiDict[str], out: CIMultiDict[str], skip_length: bool = False) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from swapd.logging import get_logger
+from swapd.telemetry import usage
 from swapd.telemetry.record import RequestRecord
 
 log = get_logger("swapd.telemetry")
@@ -121,6 +122,8 @@ class Telemetry:
     def finish(self, record: RequestRecord) -> None:
         if not record.end:
             record.end = time.monotonic()
+        if record.body_ends is not None:
+            usage.account(record)
         for sink in self.sinks:
             try:
                 sink.request_done(record)

@@ -216,6 +216,9 @@ class StateCollector(Collector):
             view = verifier.memory_view()
             if view is not None:
                 for model_id in sorted(view.usage):
+                    backend = rt.backends.get(model_id)
+                    if backend is None or backend.state is State.STOPPED:
+                        continue  # the reading may predate its (verified) stop
                     for device, mib in sorted(view.usage[model_id].items()):
                         vram.add_metric((model_id, str(device)), float(mib) * MIB)
             c = verifier.counters

@@ -90,6 +90,7 @@ class RequestRecord:
     tracestate: str = ""
     span: Any = None  # the tracer's handle while the request runs (swapd.telemetry.otel)
     capture: Capture | None = None
+    body_ends: tuple[bytes, bytes] | None = None  # (first piece, last pieces) until telemetry.usage reads them
     metadata: dict[str, str] = field(default_factory=dict)  # llama-swap's activity metadata
 
     @property

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 
-from swapd.telemetry.record import Tokens
+from swapd.telemetry.record import RequestRecord, Tokens
 
 _DECODER = json.JSONDecoder()
 _FINISH_RE = re.compile(rb'"(?:finish_reason|stop_reason)"\s*:\s*"([A-Za-z0-9_\-]{1,64})"')
@@ -183,3 +183,16 @@ def response_model(tail: bytes) -> str:
             except ValueError:
                 return ""
         end = at
+
+
+def account(record: RequestRecord) -> None:
+    """Fill the record's tokens, finish reasons and model from the body ends the relay kept."""
+    ends = record.body_ends
+    if ends is None:
+        return
+    record.body_ends = None
+    head, tail = ends
+    stream = record.stream
+    record.tokens = read_tokens(tail, head, stream=stream)
+    record.finish_reasons = finish_reasons(tail, stream=stream)
+    record.response_model = response_model(tail)
