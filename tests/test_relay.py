@@ -55,8 +55,10 @@ def test_backend_connections_are_kept_alive(swapd):
     after = backend_stats(port)
     # 25 requests through swapd plus the second stats call
     assert after["requests"] - before["requests"] == 26
-    # that stats call's own connection, and at most one more: swapd reused its connection
-    assert after["connections"] - before["connections"] <= 2, (before, after)
+    # that stats call's own connection, at most one more for the 20 plain answers (swapd reused it),
+    # and one per stream: after an event stream the connection is retired (llama-server may close it)
+    assert after["connections"] - before["connections"] <= 2 + 5, (before, after)
+    assert after["connections"] - before["connections"] >= 5, (before, after)
 
 
 def test_http10_client_gets_the_stream_raw_until_close(swapd):

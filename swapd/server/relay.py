@@ -198,6 +198,7 @@ async def relay(
     request["swapd.status"] = upstream.status
     head = tail = b""
     first = 0.0
+    event_stream = False
     try:
         upstream_headers = upstream.headers
         content_type = upstream_headers.get("Content-Type", "")
@@ -263,7 +264,9 @@ async def relay(
         clean = True
         return response
     finally:
-        if clean:
+        # After an event stream the connection is not reused: llama-server (cpp-httplib) may close it
+        # just after the stream ends, and a POST already written to it could not be sent again.
+        if clean and not event_stream:
             upstream.release()
         else:
             upstream.close()
