@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._model import ObserveSettings, TelemetrySettings
-from ._reader import _Context, _describe, _Reader, _unknown_key_message
+from ._reader import _Context, _describe, _Reader, open_block
 
 KNOWN_STORE_KEYS = ("path",)
 KNOWN_PERFORMANCE_KEYS = ("disabled", "every")
@@ -55,18 +55,6 @@ def parse_duration(value: Any) -> float | None:
     return total if pos == len(text) else None
 
 
-def _block(ctx: _Context, document: Mapping[str, Any], key: str, known: tuple[str, ...]) -> _Reader:
-    node = document.get(key)
-    if node is None:
-        node = {}
-    if not isinstance(node, dict):
-        ctx.fail(f"expected a mapping with {', '.join(known)}, got {_describe(node)}", None, key)
-    for name in node:
-        if name not in known:
-            ctx.warn(f"{key}: {_unknown_key_message(name, known)}")
-    return _Reader(ctx, node, prefix=key + ".")
-
-
 def observe_settings(ctx: _Context, document: Mapping[str, Any]) -> ObserveSettings:
     top = _Reader(ctx, document)
     max_rows = top.int("metricsMaxInMemory", DEFAULT_METRICS_MAX_IN_MEMORY)
@@ -77,10 +65,10 @@ def observe_settings(ctx: _Context, document: Mapping[str, Any]) -> ObserveSetti
         top.fail("captureBuffer", f"must be >= 0 MB (0 turns captures off), got {capture_mb}")
     log_requests = top.bool("logRequests", False)
 
-    store = _block(ctx, document, "store", KNOWN_STORE_KEYS)
+    store = open_block(ctx, document.get("store"), "store", KNOWN_STORE_KEYS)
     store_path = (store.str("path", "") or "").strip()
 
-    perf = _block(ctx, document, "performance", KNOWN_PERFORMANCE_KEYS)
+    perf = open_block(ctx, document.get("performance"), "performance", KNOWN_PERFORMANCE_KEYS)
     disabled = perf.bool("disabled", False)
     every = DEFAULT_PERFORMANCE_EVERY
     if perf.mapping.get("every") is not None:
@@ -109,7 +97,7 @@ def _telemetry(ctx: _Context, document: Mapping[str, Any]) -> TelemetrySettings:
     """``telemetry:``: traces by config; the standard OTEL_* environment works without it."""
     if document.get("telemetry") is None:
         return TelemetrySettings()
-    reader = _block(ctx, document, "telemetry", KNOWN_TELEMETRY_KEYS)
+    reader = open_block(ctx, document.get("telemetry"), "telemetry", KNOWN_TELEMETRY_KEYS)
     endpoint = (reader.str("endpoint", "") or "").strip()
     if endpoint and not endpoint.startswith(("http://", "https://")):
         reader.fail("endpoint", f"expected an http:// or https:// URL of an OTLP/HTTP receiver, got {endpoint!r}")

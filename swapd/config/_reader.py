@@ -139,3 +139,16 @@ class _Reader:
 
 
 # ------------------------------------------------------------ public entries
+
+
+def open_block(ctx: _Context, node: Any, key: str, known: tuple[str, ...]) -> _Reader:
+    """A reader for the optional mapping at ``key``: absent is empty, not a mapping fails, unknown keys warn."""
+    if node is None:
+        node = {}
+    if not isinstance(node, dict):
+        names = ", ".join(known[:-1]) + f" and {known[-1]}" if len(known) > 1 else known[0]
+        ctx.fail(f"expected a mapping with {names}, got {_describe(node)}", None, key)
+    for name in node:
+        if name not in known:
+            ctx.warn(f"{key}: {_unknown_key_message(name, known)}")
+    return _Reader(ctx, node, prefix=key + ".")

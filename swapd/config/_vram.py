@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._model import VramSettings
-from ._reader import _Context, _describe, _Reader, _unknown_key_message
+from ._reader import _Context, _describe, open_block
 
 _VRAM_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(MiB|GiB|MB|GB|M|G)?\s*$", re.IGNORECASE)
 _VRAM_UNITS = {"mib": 1.0, "mb": 1.0, "m": 1.0, "gib": 1024.0, "gb": 1024.0, "g": 1024.0}
@@ -68,15 +68,8 @@ def vram_settings(
 ) -> VramSettings:
     """``routing.router.settings.vram`` (all keys optional)."""
     prefix = "routing.router.settings.vram"
-    node = settings.get("vram")
-    if node is None:
-        node = {}
-    if not isinstance(node, dict):
-        ctx.fail(f"expected a mapping with reserve, modelsMax and pinned, got {_describe(node)}", None, prefix)
-    for key in node:
-        if key not in KNOWN_VRAM_ROUTER_KEYS:
-            ctx.warn(f"{prefix}: {_unknown_key_message(key, KNOWN_VRAM_ROUTER_KEYS)}")
-    reader = _Reader(ctx, node, prefix=prefix + ".")
+    reader = open_block(ctx, settings.get("vram"), prefix, KNOWN_VRAM_ROUTER_KEYS)
+    node = reader.mapping
     reserve = DEFAULT_RESERVE_MIB
     if node.get("reserve") is not None:
         reserve = _size_or_fail(ctx, node["reserve"], None, f"{prefix}.reserve", positive=False)
