@@ -235,6 +235,17 @@ class Scheduler:
     def queued(self) -> list[str]:
         return [r.model for r in self._queue]
 
+    def ttl_remaining(self, model_id: str) -> float | None:
+        """Seconds until ``model_id``'s TTL stops it (0 when due), or None with no timer armed.
+
+        No timer is armed for a model with ttl 0, one with requests in flight,
+        or one that is not ready. Call it on the event loop.
+        """
+        handle = self._ttl_timers.get(model_id)
+        if handle is None or handle.cancelled():
+            return None
+        return max(0.0, handle.when() - asyncio.get_running_loop().time())
+
     def request(self, model_id: str) -> _Request:
         """Admit one request for ``model_id`` now, or refuse it (429, 404, 503).
 

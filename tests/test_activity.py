@@ -20,7 +20,7 @@ import pytest
 
 from swapd.telemetry.activity import ActivityQuery, ActivityStore, histogram, list_rows, percentile, rfc3339
 from swapd.telemetry.captures import REDACTED, CaptureStore, StoredCapture, build
-from swapd.telemetry.record import Capture, RequestRecord, Tokens
+from swapd.telemetry.record import Capture, RequestRecord, Tokens, Wait
 
 # -- helpers -------------------------------------------------------------------
 
@@ -112,6 +112,11 @@ def test_rows_have_llama_swaps_fields_and_ids_count_up(opened):
         "duration_ms": 900,  # llama-server's own timings are longer than the 250 ms wall time
         "has_capture": False,
         "metadata": {"selector": "s1"},
+        # swapd's additions: not a stream, waited on nothing
+        "ttft_ms": -1,
+        "waited": "",
+        "wait_ms": 0,
+        "start_ms": 0,
     }
     failed = got["data"][0]
     # No usage: llama-swap's zero TokenMetrics; no error text: the status text.
@@ -121,6 +126,30 @@ def test_rows_have_llama_swaps_fields_and_ids_count_up(opened):
     assert "metadata" not in failed
     assert [e["id"] for e in events] == [1, 2]
     assert got["page"] == 1 and got["limit"] == 25 and got["total"] == 2 and got["total_pages"] == 1
+
+
+def test_wait_and_ttft_columns_from_the_record(opened):
+    store = opened()
+    cold = rec(duration=2.0)
+    cold.stream = True
+    cold.first_byte = cold.t0 + 1.2345
+    cold.queued_s = 1.1004
+    cold.waits = [Wait("m1", started=100.0, stops_done=100.0, ready=101.05)]
+    store.request_done(cold)
+    swapped = rec()
+    swapped.queued_s = 0.9
+    swapped.waits = [Wait("m1", started=100.0, stops_done=100.3, ready=100.8, stopped=("m2",))]
+    store.request_done(swapped)
+    warm = rec()
+    warm.stream = True
+    warm.first_byte = warm.t0 + 0.01
+    warm.queued_s = 0.0004  # no start or swap: wait_ms stays 0
+    store.request_done(warm)
+    got = {row["id"]: row for row in page(store)["data"]}
+    pick = ("ttft_ms", "waited", "wait_ms", "start_ms")
+    assert [got[1][k] for k in pick] == [1234, "start", 1100, 1050]
+    assert [got[2][k] for k in pick] == [-1, "swap", 900, 500]  # the stop (300 ms) is in wait_ms only
+    assert [got[3][k] for k in pick] == [10, "", 0, 0]
 
 
 def test_rfc3339_is_gos_time_format():
@@ -255,7 +284,8 @@ def test_file_store_survives_reopening_and_is_not_capped(opened, tmp_path):
     # The table is llama-swap's: another reader sees the same columns.
     with sqlite3.connect(path) as conn:
         cols = [c[1] for c in conn.execute("PRAGMA table_info(activity)")]
-    assert cols[:3] == ["id", "ts_created", "model_id"] and cols[-1] == "metadata_json"
+    assert cols[:3] == ["id", "ts_created", "model_id"] and cols[15] == "metadata_json"
+    assert cols[16:] == ["ttft_ms", "waited", "wait_ms", "start_ms"]  # swapd's, after llama-swap's
 
 
 def test_close_writes_everything_queued(tmp_path):
@@ -620,3 +650,143 @@ def test_a_backends_error_message_becomes_error_msg(swapd):
     assert (row["resp_status_code"], row["error_msg"]) == (401, "invalid api key")
     capture = s.get(f"/api/captures/{row['id']}").json()
     assert capture["resp_body"] is None and capture["resp_headers"]["Content-Type"].startswith("application/json")
+
+
+# -- swapd's columns: time to first token, the start or swap waited on -------------
+
+
+def _rows(s) -> list[dict]:
+    return s.get("/api/metrics/activity").json()["data"]
+
+
+def _pick(row: dict) -> tuple:
+    return row["waited"], row["wait_ms"], row["start_ms"], row["ttft_ms"]
+
+
+def test_rows_carry_ttft_and_the_start_or_swap_they_waited_on(swapd):
+    from helpers import model
+
+    # one swap group: b's start stops a
+    s = swapd(
+        {"a": model("--load-delay", "0.4"), "b": model()},
+        groups={"g": {"swap": True, "members": ["a", "b"]}},
+    )
+    status, _, _ = _stream(s, {}, "a", 3)  # a cold start
+    assert status == 200
+    _wait_rows(s, {}, 1)
+    cold = _rows(s)[0]
+    waited, wait_ms, start_ms, ttft_ms = _pick(cold)
+    assert waited == "start"
+    assert 400 <= start_ms <= wait_ms, cold  # the start includes the backend's load delay
+    assert ttft_ms >= start_ms, cold  # counted from arrival: the start came first
+    assert cold["resp_content_type"].startswith("text/event-stream")
+
+    status, _, _ = _stream(s, {}, "a", 3)  # now warm
+    assert status == 200
+    _wait_rows(s, {}, 2)
+    warm = _rows(s)[0]
+    assert _pick(warm)[:3] == ("", 0, 0), warm
+    assert 0 <= warm["ttft_ms"] < start_ms, warm
+
+    assert s.chat("a").status == 200  # not a stream: no ttft
+    _wait_rows(s, {}, 3)
+    plain = _rows(s)[0]
+    assert _pick(plain) == ("", 0, 0, -1), plain
+
+    assert s.chat("b").status == 200  # stops a, then starts b
+    _wait_rows(s, {}, 4)
+    swap = _rows(s)[0]
+    waited, wait_ms, start_ms, ttft_ms = _pick(swap)
+    assert swap["model"] == "b" and waited == "swap", swap
+    assert 0 < start_ms <= wait_ms and ttft_ms == -1, swap
+    # llama-swap's fields are all still there
+    assert {"id", "timestamp", "model", "req_path", "resp_content_type", "resp_status_code", "tokens"} <= set(swap)
+    assert swap["duration_ms"] >= wait_ms
+
+
+# llama-swap's table as swapd created it before the ttft/wait columns
+OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS activity (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts_created INTEGER NOT NULL,
+    model_id TEXT NOT NULL,
+    req_path TEXT NOT NULL DEFAULT '',
+    resp_content_type TEXT NOT NULL DEFAULT '',
+    resp_status_code INTEGER NOT NULL DEFAULT 0,
+    cache_tokens INTEGER NOT NULL DEFAULT 0,
+    draft_tokens INTEGER NOT NULL DEFAULT 0,
+    draft_acc_tokens INTEGER NOT NULL DEFAULT 0,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    prompt_per_second REAL NOT NULL DEFAULT 0,
+    tokens_per_second REAL NOT NULL DEFAULT 0,
+    duration_ms INTEGER NOT NULL DEFAULT 0,
+    error_msg TEXT NOT NULL DEFAULT '',
+    metadata_json TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS idx_activity_created_id ON activity (ts_created DESC, id DESC);
+CREATE INDEX IF NOT EXISTS idx_activity_model_created_id ON activity (model_id, ts_created DESC, id DESC);
+"""
+
+
+def test_a_store_file_with_the_old_schema_gets_the_new_columns(swapd, tmp_path):
+    from helpers import model, wait_until
+
+    db = tmp_path / "old" / "activity.db"
+    db.parent.mkdir()
+    with sqlite3.connect(db) as conn:
+        conn.executescript(OLD_SCHEMA)
+        conn.execute(
+            "INSERT INTO activity (ts_created, model_id, req_path, resp_content_type, resp_status_code,"
+            " cache_tokens, draft_tokens, draft_acc_tokens, input_tokens, output_tokens,"
+            " prompt_per_second, tokens_per_second, duration_ms, error_msg, metadata_json)"
+            " VALUES (1700000000, 'm1', '/v1/chat/completions', 'application/json', 200,"
+            " 3, -1, -1, 12, 7, 100.5, 20.0, 900, '', '{\"selector\":\"s1\"}')"
+        )
+    conn.close()
+    s = swapd({"m1": model()}, store={"path": str(db)})
+    old = _rows(s)
+    assert old == [
+        {
+            "id": 1,
+            "timestamp": rfc3339(1_700_000_000),
+            "model": "m1",
+            "req_path": "/v1/chat/completions",
+            "resp_content_type": "application/json",
+            "resp_status_code": 200,
+            "tokens": {
+                "cache_tokens": 3,
+                "draft_tokens": -1,
+                "draft_acc_tokens": -1,
+                "input_tokens": 12,
+                "output_tokens": 7,
+                "prompt_per_second": 100.5,
+                "tokens_per_second": 20,
+            },
+            "duration_ms": 900,
+            "has_capture": False,
+            "metadata": {"selector": "s1"},
+            "ttft_ms": -1,
+            "waited": "",
+            "wait_ms": 0,
+            "start_ms": 0,
+        }
+    ]
+    added = [e["column"] for e in s.log_events() if e.get("event") == "activity.column_added"]
+    assert added == ["ttft_ms", "waited", "wait_ms", "start_ms"]
+    assert s.chat("m1").status == 200
+    _wait_rows(s, {}, 2)
+    new = _rows(s)[0]
+    assert new["id"] == 2 and new["waited"] == "start" and new["start_ms"] > 0
+    assert s.terminate() == 0
+    with sqlite3.connect(db) as conn:
+        cols = [c[1] for c in conn.execute("PRAGMA table_info(activity)")]
+        written = conn.execute("SELECT id, waited, start_ms > 0 FROM activity ORDER BY id").fetchall()
+    conn.close()
+    assert cols[16:] == ["ttft_ms", "waited", "wait_ms", "start_ms"]
+    assert written == [(1, "", 0), (2, "start", 1)]
+    # opened again: nothing left to add, both rows served
+    again = swapd({"m1": model()}, store={"path": str(db)})
+    wait_until(lambda: _total(again, {}) == 2, timeout=10, message="2 rows")
+    assert not [e for e in again.log_events() if e.get("event") == "activity.column_added"]
+    assert [r["waited"] for r in _rows(again)] == ["start", ""]

@@ -346,6 +346,31 @@ def test_global_ttl_is_the_default(swapd):
     wait_until(lambda: "m1" not in s.running(), timeout=5, message="globalTTL unload")
 
 
+def test_running_shows_the_ttl_countdown(swapd):
+    s = swapd(
+        {"a": model(ttl=30), "b": model(ttl=0)},
+        groups={"both": {"swap": False, "members": ["a", "b"]}},
+    )
+    assert s.chat("a").status == 200
+    assert s.chat("b").status == 200
+    running = s.running()
+    assert 25 <= running["a"]["ttl_remaining"] <= 30, running["a"]
+    assert running["b"]["ttl_remaining"] is None  # ttl 0: no timer, the model stays
+    first = running["a"]["ttl_remaining"]
+    time.sleep(0.3)
+    assert s.running()["a"]["ttl_remaining"] < first, "the countdown runs"
+    # while a request is in flight no timer is armed
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (s.chat("a", x_sleep=1.5), done.set()))
+    t.start()
+    wait_until(lambda: s.running()["a"]["in_flight"] == 1, message="a in flight")
+    assert s.running()["a"]["ttl_remaining"] is None
+    t.join()
+    assert done.is_set()
+    again = s.running()["a"]["ttl_remaining"]
+    assert again is not None and 29 <= again <= 30, "the clock starts again from the end of the request"
+
+
 # -- endpoints -----------------------------------------------------------------
 
 

@@ -137,6 +137,22 @@ def test_model_without_vram_is_counted_apart(swapd, gpu_env):
     assert not _events(s, "vram.freed") and not _events(s, "vram.not_freed")
 
 
+def test_api_gpus_reports_temperature_and_utilisation(swapd, gpu_env, gpu_state):
+    (gpu_state / "devices").write_text("2")
+    (gpu_state / "sensors").write_text("63 77 29")
+    s = swapd({"a": model("--vram-mib", "700")}, env=gpu_env)
+    assert s.chat("a").status == 200
+    devices = _gpus(s)["devices"]
+    assert len(devices) == 2
+    for dev in devices:
+        assert (dev["temperature_c"], dev["util_percent"], dev["memory_util_percent"]) == (63.0, 77.0, 29.0), dev
+    assert devices[0]["models"][0]["model"] == "a"
+    # each /api/gpus is a fresh reading
+    (gpu_state / "sensors").write_text("48 5 1")
+    dev = _gpus(s)["devices"][0]
+    assert (dev["temperature_c"], dev["util_percent"], dev["memory_util_percent"]) == (48.0, 5.0, 1.0)
+
+
 # -- processes that outlive the stop ----------------------------------------------------
 
 

@@ -221,6 +221,7 @@ async def handle_running(request: web.Request) -> web.Response:
         if backend.state is State.STOPPED:
             continue
         mc = backend.model
+        ttl_left = scheduler.ttl_remaining(model_id)
         running.append(
             {
                 "model": model_id,
@@ -235,6 +236,7 @@ async def handle_running(request: web.Request) -> web.Response:
                 "vram_mib": usage.get(model_id, {}).get("vram_mib"),
                 "footprint": scheduler.footprints.footprint(mc).as_json(),
                 "in_flight": scheduler.in_flight(model_id),
+                "ttl_remaining": None if ttl_left is None else round(ttl_left, 1),
             }
         )
     body: dict = {"running": running}

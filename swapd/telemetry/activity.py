@@ -14,7 +14,10 @@ prunes only its in-memory store) and survives restarts. A file that cannot be
 opened is logged as an error and the store runs in memory instead.
 
 The table, its columns and the queries (filters, sort keys, paging, the
-statistics and their histograms) follow llama-swap's ``internal/store``.
+statistics and their histograms) follow llama-swap's ``internal/store``;
+swapd adds four columns after llama-swap's (``ADDED_COLUMNS``: time to first
+token, the start or swap a request waited on and how long), which an older
+file gets when it is opened.
 """
 
 from __future__ import annotations
@@ -58,17 +61,32 @@ CREATE TABLE IF NOT EXISTS activity (
     tokens_per_second REAL NOT NULL DEFAULT 0,
     duration_ms INTEGER NOT NULL DEFAULT 0,
     error_msg TEXT NOT NULL DEFAULT '',
-    metadata_json TEXT NOT NULL DEFAULT ''
+    metadata_json TEXT NOT NULL DEFAULT '',
+    ttft_ms INTEGER NOT NULL DEFAULT -1,
+    waited TEXT NOT NULL DEFAULT '',
+    wait_ms INTEGER NOT NULL DEFAULT 0,
+    start_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS idx_activity_created_id ON activity (ts_created DESC, id DESC);
 CREATE INDEX IF NOT EXISTS idx_activity_model_created_id ON activity (model_id, ts_created DESC, id DESC);
 """
 
+# swapd's own columns, after llama-swap's: a file made before they existed gets them
+# (ALTER TABLE ... ADD COLUMN) when it is opened, and its old rows read the defaults.
+ADDED_COLUMNS = (
+    ("ttft_ms", "INTEGER NOT NULL DEFAULT -1"),  # time to the first byte of a stream; -1: not a stream
+    ("waited", "TEXT NOT NULL DEFAULT ''"),  # "start", "swap" or ""
+    ("wait_ms", "INTEGER NOT NULL DEFAULT 0"),  # arrival to the lease, when it waited on a start or swap
+    ("start_ms", "INTEGER NOT NULL DEFAULT 0"),  # the model start(s) it waited on (stops not included)
+)
+
 COLUMNS = (
     "id, ts_created, model_id, req_path, resp_content_type, resp_status_code, "
     "cache_tokens, draft_tokens, draft_acc_tokens, input_tokens, output_tokens, "
-    "prompt_per_second, tokens_per_second, duration_ms, error_msg, metadata_json"
+    "prompt_per_second, tokens_per_second, duration_ms, error_msg, metadata_json, "
+    + ", ".join(name for name, _ in ADDED_COLUMNS)
 )
+_PLACEHOLDERS = ", ".join("?" * (16 + len(ADDED_COLUMNS)))
 
 # The API's sort keys (the UI's column ids) and their columns; nothing else reaches the SQL.
 SORT_COLUMNS = {
@@ -201,6 +219,8 @@ def row_of(record: RequestRecord) -> tuple:
         )
         duration_ms = max(duration_ms, int(t.timings_ms))
     metadata = json.dumps(record.metadata, separators=(",", ":"), sort_keys=True) if record.metadata else ""
+    ttft = record.ttft_s
+    waited = record.waited
     return (
         record.id,
         int(record.timestamp + record.duration_s),  # llama-swap stamps a row when the request ends
@@ -212,6 +232,10 @@ def row_of(record: RequestRecord) -> tuple:
         duration_ms,
         error_message(record),
         metadata,
+        -1 if ttft is None else int(ttft * 1000),
+        waited,
+        round(record.queued_s * 1000) if waited else 0,
+        round(sum(max(0.0, w.ready - w.stops_done) for w in record.waits) * 1000),
     )
 
 
@@ -235,6 +259,11 @@ def entry_of(row: Sequence[Any], has_capture: bool = False) -> dict[str, Any]:
         },
         "duration_ms": row[13],
         "has_capture": has_capture,
+        # swapd's additions
+        "ttft_ms": row[16],
+        "waited": row[17],
+        "wait_ms": row[18],
+        "start_ms": row[19],
     }
     if row[14]:
         entry["error_msg"] = row[14]
@@ -246,6 +275,15 @@ def entry_of(row: Sequence[Any], has_capture: bool = False) -> dict[str, Any]:
         if metadata:
             entry["metadata"] = metadata
     return entry
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Give a table made by an older schema (llama-swap's, or swapd's before ``ADDED_COLUMNS``) the new columns."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(activity)")}
+    for name, decl in ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE activity ADD COLUMN {name} {decl}")
+            log.info("activity.column_added", column=name)
 
 
 # -- queries (run on the worker thread) -----------------------------------------
@@ -494,6 +532,7 @@ class ActivityStore:
                     if str(mode).lower() != "wal":
                         raise sqlite3.OperationalError(f"could not enable WAL mode (got {mode!r})")
                     conn.executescript(SCHEMA)
+                    _add_missing_columns(conn)
                 except BaseException:
                     conn.close()
                     raise
@@ -567,7 +606,7 @@ class ActivityStore:
         try:
             with conn:
                 conn.execute("BEGIN")
-                conn.executemany(f"INSERT INTO activity ({COLUMNS}) VALUES ({', '.join('?' * 16)})", rows)
+                conn.executemany(f"INSERT INTO activity ({COLUMNS}) VALUES ({_PLACEHOLDERS})", rows)
                 if self.in_memory:
                     conn.execute(
                         "DELETE FROM activity WHERE id <= (SELECT MAX(id) FROM activity) - ?", (self.max_in_memory,)
