@@ -1,7 +1,8 @@
 """API keys and CORS preflight, as llama-swap does them.
 
-When ``apiKeys`` is set every route needs one, except the health checks and
-CORS preflights. A key is accepted from ``Authorization: Bearer``, the Basic
+When ``apiKeys`` is set every route needs one, except the health checks,
+CORS preflights and the web UI's static files (which hold no data; the UI
+asks for the key and sends it with every API call). A key is accepted from ``Authorization: Bearer``, the Basic
 auth password, or ``x-api-key``, and compared in constant time.
 """
 
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from swapd.server.errors import ClientError
 from swapd.server.keys import RUNTIME
+from swapd.server.ui import is_ui_path
 from swapd.server.webguard import cross_site_refusal, host_refusal
 
 EXEMPT_PATHS = frozenset({"/health", "/wol-health"})
@@ -91,19 +93,34 @@ async def access_middleware(request: web.Request, handler):
         if refusal is not None:
             raise ClientError(403, refusal, code)  # rendered and logged by error_middleware
     keys = rt.config.api_keys
-    if keys and request.path not in EXEMPT_PATHS:
+    if keys and request.path not in EXEMPT_PATHS and not is_ui_path(request.path):
         provided, header = extract_api_key(request)
         if not key_matches(provided, keys):
             raise ClientError(
                 401,
                 "unauthorized: invalid or missing API key",
                 "invalid_api_key",
-                headers={"WWW-Authenticate": 'Basic realm="swapd"'},
+                headers=_challenge(request),
             )
         # swapd's own key stops here: the relay leaves every header that carried it out
         # (a client may send it in both; each copy is dropped)
         request["swapd.credential"] = _carriers(request, provided, header)
     return await handler(request)
+
+
+def _challenge(request: web.Request) -> dict[str, str] | None:
+    """llama-swap's Basic challenge, except to a script's fetch from a page.
+
+    A browser answers ``WWW-Authenticate: Basic`` with its own login dialog,
+    for a page's ``fetch()`` too; the web UI asks for the key itself, so a
+    request that the browser marks as not a navigation (``Sec-Fetch-Mode``:
+    cors, same-origin, no-cors) gets the 401 without the challenge. Clients
+    that send no ``Sec-Fetch-Mode`` (curl, SDKs) and page loads still get it.
+    """
+    mode = request.headers.get("Sec-Fetch-Mode")
+    if mode is not None and mode != "navigate":
+        return None
+    return {"WWW-Authenticate": 'Basic realm="swapd"'}
 
 
 def _carriers(request: web.Request, key: str, header: str) -> frozenset[str]:
