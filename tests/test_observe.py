@@ -54,8 +54,8 @@ class Stream:
 class Events(Stream):
     """/api/events, parsed into llama-swap's envelopes with their ``data`` decoded."""
 
-    def __init__(self, s, timeout: float = 20.0) -> None:
-        super().__init__(s, "/api/events", timeout)
+    def __init__(self, s, timeout: float = 20.0, path: str = "/api/events") -> None:
+        super().__init__(s, path, timeout)
         self.records: list[dict] = []
 
     def next(self) -> dict:
@@ -200,6 +200,21 @@ def test_slow_stream_clients_never_hold_up_backends_or_requests(swapd):
 
 def _state(record: dict, model_id: str) -> str:
     return next(m["state"] for m in record["payload"] if m["id"] == model_id)
+
+
+def test_events_no_history_starts_with_the_model_status(swapd):
+    """?no-history (the web UI's choice) skips the log backlog; live log lines still come."""
+    s = swapd({"m1": model("--log-lines", "2")})
+    events = Events(s, path="/api/events?no-history")
+    try:
+        first = events.next()
+        assert first["type"] == "modelStatus" and first["payload"][0]["id"] == "m1"
+        assert s.chat("m1").status == 200
+        line = events.until(lambda r: r["type"] == "logData" and r["payload"]["source"] == "upstream")
+        assert line["payload"]["data"].startswith("[m1] fake_backend: log line")
+        assert "swapd.listening" not in "".join(r["data"] for r in events.records)  # the backlog stayed out
+    finally:
+        events.close()
 
 
 def test_events_stream_model_states_and_log_data(swapd):

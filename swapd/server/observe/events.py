@@ -180,16 +180,21 @@ def model_status(runtime) -> list[dict[str, Any]]:
 
 
 async def handle_events(request: web.Request) -> web.StreamResponse:
-    """``/api/events``: Server-Sent Events of model status and log data."""
+    """``/api/events``: Server-Sent Events of model status and log data.
+
+    It opens with the log history (two ``logData`` records) and the model
+    status; ``?no-history`` leaves the history out, as on ``/logs/stream``.
+    """
     rt = request.app[RUNTIME]
     hub: EventHub = rt.events
     logs: ObservedLogRing = rt.logs
     sub = hub.subscribe_events()
-    initial = [
-        encode_event("logData", {"source": "proxy", "data": "".join(map(_plain, logs.proxy_lines()))}),
-        encode_event("logData", {"source": "upstream", "data": "".join(map(_tagged, logs.upstream_lines()))}),
-        encode_event("modelStatus", model_status(rt)),
-    ]
+    initial = [encode_event("modelStatus", model_status(rt))]
+    if "no-history" not in request.query:  # as on /logs/stream: a client that shows no log skips the backlog
+        initial[:0] = [
+            encode_event("logData", {"source": "proxy", "data": "".join(map(_plain, logs.proxy_lines()))}),
+            encode_event("logData", {"source": "upstream", "data": "".join(map(_tagged, logs.upstream_lines()))}),
+        ]
     t0 = time.monotonic()
     response = web.StreamResponse(
         headers={
