@@ -134,7 +134,8 @@ const events = {
       let delay = 500;
       while (!controller.signal.aborted) {
         try {
-          const res = await api("api/events", { signal: controller.signal });
+          // no-history: the log backlog (up to thousands of lines) is for the Logs view, which streams its own
+          const res = await api("api/events?no-history", { signal: controller.signal });
           if (!res.ok) throw new Error(await errorText(res));
           this.setConnected(true);
           delay = 500;
@@ -347,18 +348,18 @@ function ModelsView() {
           const fp = (r && r.footprint) || footprints[m.id];
           const busy = m.state === "starting" || m.state === "stopping" || !!pending[m.id];
           return html`<tr key=${m.id} data-model=${m.id} data-state=${m.state || "peer"}>
-            <td>
+            <td class="name">
               <div class="model-name"><span class="dot" style=${{ background: modelColor(m.id) }}></span>${modelLabel(m)}</div>
               ${m.name && m.name.trim() !== m.id && html`<div class="sub mono">${m.id}</div>`}
               ${m.description && html`<div class="sub">${m.description}</div>`}
               ${m.aliases && m.aliases.length > 0 && html`<div class="sub">aliases: ${m.aliases.join(", ")}</div>`}
               ${errors[m.id] && html`<div class="error" role="alert">${errors[m.id]}</div>`}
             </td>
-            <td><${StateBadge} state=${m.state} /></td>
-            <td class="num" data-testid="ttl">${ttl}</td>
-            <td class="num" data-testid="in-flight">${r ? r.in_flight : peer ? "–" : 0}</td>
-            <td class="num">${r ? fmtMiB(r.vram_mib) : "–"}</td>
-            <td>${fp && fp.source ? html`${fp.mib !== null && fp.mib !== undefined ? fmtMiB(fp.mib) + " " : ""}<span class="sub" title=${fp.detail || ""}>${fp.source}</span>` : "–"}</td>
+            <td data-label="State"><${StateBadge} state=${m.state} /></td>
+            <td class="num" data-label="TTL" data-testid="ttl">${ttl}</td>
+            <td class="num" data-label="In flight" data-testid="in-flight">${r ? r.in_flight : peer ? "–" : 0}</td>
+            <td class="num" data-label="VRAM now">${r ? fmtMiB(r.vram_mib) : "–"}</td>
+            <td data-label="Footprint">${fp && fp.source ? html`${fp.mib !== null && fp.mib !== undefined ? fmtMiB(fp.mib) + " " : ""}<span class="sub" title=${fp.detail || ""}>${fp.source}</span>` : "–"}</td>
             <td class="actions">
               ${!peer &&
               (m.state === "stopped"
@@ -485,6 +486,8 @@ function LineChart({ points, label, unit }) {
       <line class="axis" x1=${P} y1=${H - P + 8} x2=${W - 8} y2=${H - P + 8} />
       <text class="tick" x=${P - 4} y=${py(y1 / 1.1) + 4} text-anchor="end">${Math.round(y1 / 1.1)}</text>
       <text class="tick" x=${P - 4} y=${H - P + 12} text-anchor="end">0</text>
+      <text class="tick" x=${P} y=${H - 4}>${new Date(x0).toLocaleTimeString()}</text>
+      <text class="tick" x=${W - 8} y=${H - 4} text-anchor="end">${new Date(x1).toLocaleTimeString()}</text>
       <path class="line" d=${path} />
       ${points.map((p) => html`<circle class="pt" cx=${px(p[0])} cy=${py(p[1])} r="2.5"><title>${p[1].toFixed(1)} ${unit}</title></circle>`)}
     </svg></figure>`;
@@ -700,7 +703,9 @@ function PlaygroundView() {
   const [messages, setMessages] = useState([]);
   const [reply, setReply] = useState(null); // {text, started, first, end, tokens, error}
   const controller = useRef(null);
-  const chosen = model || (usable[0] && usable[0].id) || "";
+  // until the user picks one: a model that is already loaded, so the first message does not start another
+  const fallback = usable.find((m) => m.state === "ready") || usable[0];
+  const chosen = model || (fallback && fallback.id) || "";
 
   useEffect(() => () => controller.current && controller.current.abort(), []);
 
