@@ -4,6 +4,7 @@
 # Installs what the tests need, each step skipped when already done:
 #   .venv            swapd with its test extras (pip install -e '.[test]')
 #   nginx            from Debian packages, when missing and we are root
+#   chromium         likewise, for the web UI tests (Playwright drives the system browser)
 #   cmake, g++       likewise, for building llama-server
 #   .venv-litellm    LiteLLM's proxy in its own virtualenv
 #   llama-server and SmolLM2's GGUF, via `swapd setup` (cached in ~/.cache/swapd)
@@ -45,6 +46,13 @@ if command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; then
     echo "present: $(command -v nginx || echo /usr/sbin/nginx)"
 else
     apt_install nginx-light || apt_install nginx || warn "nginx could not be installed; its tests will skip"
+fi
+
+step "chromium for the web UI tests"
+if command -v chromium >/dev/null; then
+    echo "present: $(command -v chromium)"
+else
+    apt_install chromium || warn "chromium could not be installed; the browser tests will skip"
 fi
 
 step "build tools for llama-server"

@@ -9,6 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import start_swapd, tagged_processes, wait_until  # noqa: E402
 
+# the browser and open_page fixtures of the web UI tests (playwright is imported only when they are used)
+pytest_plugins = ["browser_util"]
+
 
 @pytest.fixture
 def swapd(tmp_path):

@@ -176,3 +176,26 @@ def test_client_disconnect_through_nginx_cancels_generation(stack):
                message="the backend to see the stream cancelled through nginx")
     # 400 chunks at 50 ms would run 20 s; nginx must pass the hang-up on at once.
     assert time.monotonic() - t_closed < 2.0
+
+
+def test_web_ui_works_at_a_sub_path(stack, open_page):
+    """The packaged file's /swapd/ location: the UI loads, lists, loads a model and streams, all under /swapd/."""
+    s, port = stack
+    base = f"http://127.0.0.1:{port}/swapd/"
+    assert s.post("/api/models/unload", {}).status == 200  # earlier tests of the module leave models running
+    p = open_page(base)
+    p.page.goto(base)
+    assert p.page.url == base + "ui/"
+    p.page.wait_for_selector("tr[data-model=echo][data-state=stopped]")
+    p.page.locator("tr[data-model=echo] [data-testid=load]").click()
+    p.page.wait_for_selector("tr[data-model=echo][data-state=ready]")
+    assert s.running()["echo"]["state"] == "ready"
+    p.page.goto(base + "ui/#/playground")
+    p.page.wait_for_function("() => document.querySelector('[data-testid=pg-model]')?.options.length === 3")
+    p.page.select_option("[data-testid=pg-model]", "paced")
+    p.page.fill("[data-testid=pg-input]", "hi")
+    p.page.click("[data-testid=pg-send]")
+    p.page.wait_for_selector("[data-testid=pg-stats]", timeout=30000)
+    assert p.page.locator("[data-testid=pg-assistant] .text").inner_text().split() == [f"tok{i}" for i in range(8)]
+    paths = p.paths()
+    assert paths and all(path.startswith("/swapd/") for path in paths), paths  # open_page checks they are public
