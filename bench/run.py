@@ -222,7 +222,7 @@ class Nginx:
             text = packaged.read_text() if packaged.is_file() else ""
             if "upstream swapd {" in text and "server 127.0.0.1:8080;" in text and "listen 127.0.0.1:8081;" in text:
                 text = (text.replace("upstream swapd {", f"upstream up_{name} {{")
-                        .replace("proxy_pass http://swapd;", f"proxy_pass http://up_{name};")
+                        .replace("proxy_pass http://swapd", f"proxy_pass http://up_{name}")  # "swapd;" and "swapd/;"
                         .replace("server 127.0.0.1:8080;", f"server 127.0.0.1:{backend};")
                         .replace("keepalive 32;", "keepalive 256;")
                         .replace("listen 127.0.0.1:8081;", f"listen 127.0.0.1:{port};"))
