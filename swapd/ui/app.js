@@ -832,6 +832,13 @@ function Shell({ onLock }) {
   </div>`;
 }
 
+// Drops the key from memory and the tab's storage, and closes the live stream it opened.
+function forgetKey() {
+  apiKey = "";
+  sessionStorage.removeItem(KEY_STORE);
+  events.stop();
+}
+
 function App() {
   // "checking" until the first call answers; "locked" shows only the key prompt.
   const [phase, setPhase] = useState("checking");
@@ -844,9 +851,7 @@ function App() {
       await res.arrayBuffer().catch(() => null);
       if (res.status === 401) {
         if (key) setError("That key was not accepted.");
-        apiKey = "";
-        sessionStorage.removeItem(KEY_STORE);
-        events.stop();
+        forgetKey();
         setPhase("locked");
         return false;
       }
@@ -865,9 +870,7 @@ function App() {
   useEffect(() => {
     check(apiKey);
     const lost = () => {
-      apiKey = "";
-      sessionStorage.removeItem(KEY_STORE);
-      events.stop();
+      forgetKey();
       setError("The key is no longer accepted.");
       setPhase("locked");
     };
@@ -880,9 +883,7 @@ function App() {
     <button onClick=${() => check(apiKey)}>Try again</button></div></main>`;
   if (phase === "locked") return html`<${KeyPrompt} onKey=${check} error=${error} />`;
   const lock = () => {
-    apiKey = "";
-    sessionStorage.removeItem(KEY_STORE);
-    events.stop();
+    forgetKey();
     setError("");
     setPhase("checking");
     check("");
