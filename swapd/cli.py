@@ -14,7 +14,7 @@ from aiohttp import web
 
 from swapd import __version__, osutil
 from swapd import logging as slog
-from swapd.config import ConfigError, config_dir_files, load_config_sources
+from swapd.config import ConfigError, config_dir_files, load_config_sources, models_dir_stamp
 
 if TYPE_CHECKING:
     from swapd.server.runtime import Runtime
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         default=None,
-        help=f"config file (llama-swap format); default {DEFAULT_CONFIG} unless --config-dir is given",
+        help=f"config file (llama-swap format); default {DEFAULT_CONFIG} unless --config-dir or --models-dir is given",
     )
     p.add_argument(
         "--config-dir",
@@ -77,12 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of *.yml/*.yaml files merged in name order (after --config, if given)",
     )
     p.add_argument(
+        "--models-dir",
+        default=None,
+        metavar="DIR",
+        help="serve every *.gguf file under DIR (searched recursively) as a model, run with modelsDir.cmd "
+        "(default: llama-server --port ${PORT} -m ${MODEL_PATH}); sets the config's modelsDir.path, "
+        "and needs no config file",
+    )
+    p.add_argument(
         "--listen",
         default="127.0.0.1:8080",
         type=parse_listen,
         help="address to listen on: HOST:PORT, or :PORT for all interfaces (default 127.0.0.1:8080)",
     )
-    p.add_argument("--watch-config", action="store_true", help="reload the config when the file changes")
+    p.add_argument(
+        "--ollama-listen",
+        default=None,
+        type=parse_listen,
+        metavar="ADDR",
+        help="also serve on ADDR (e.g. 127.0.0.1:11434) for clients wired to Ollama's port; overrides ollama.listen",
+    )
+    p.add_argument(
+        "--watch-config",
+        action="store_true",
+        help="reload the config when its files change, or when *.gguf files come or go in the models folder",
+    )
     p.add_argument("--tls-cert-file", default=None, metavar="FILE", help="TLS certificate (PEM); serve HTTPS")
     p.add_argument("--tls-key-file", default=None, metavar="FILE", help="TLS private key (PEM) for --tls-cert-file")
     p.add_argument(
@@ -148,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(f"swapd {__version__}")
         return 0
-    if args.config is None and args.config_dir is None:
+    if args.config is None and args.config_dir is None and args.models_dir is None:
         args.config = DEFAULT_CONFIG
     try:
         args.ssl_context = tls_context(args.tls_cert_file, args.tls_key_file)
@@ -158,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ssl_context is not None and not any(a == "--listen" or a.startswith("--listen=") for a in normalised):
         args.listen = (args.listen[0], DEFAULT_TLS_PORT)
     try:
-        config = load_config_sources(args.config, args.config_dir)
+        config = load_config_sources(args.config, args.config_dir, models_dir=args.models_dir)
     except ConfigError as exc:
         print(f"swapd: config error: {exc}", file=sys.stderr)
         return 2
@@ -170,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     log = slog.get_logger("swapd")
     for warning in (*config.warnings, *setting_warnings):
         log.warning("config.warning", file=config.path, message=warning)
+    if config.models_dir is not None:
+        log.info("config.models_dir", path=config.models_dir.path, models=sorted(config.models_dir.found))
     if not config.models and not config.peers:
         log.warning(
             "config.no_models",
@@ -230,6 +251,12 @@ async def serve(config, args) -> None:
     except OSError:
         await runner.cleanup()
         raise
+    ollama_site = None
+    ollama_at = getattr(args, "ollama_listen", None)
+    if ollama_at is None and config.ollama_listen:
+        ollama_at = parse_listen(config.ollama_listen)
+    if ollama_at is not None:
+        ollama_site = await _listen_ollama(runner, app, ollama_at, config, site, log)
     shown = f"{host or '*'}:{port}"
     log.info(
         "swapd.listening",
@@ -255,7 +282,7 @@ async def serve(config, args) -> None:
             "address can use every model and /unload; set apiKeys, or listen on 127.0.0.1",
         )
     rt.log_sink = sink
-    reloader = Reloader(rt, args.config, getattr(args, "config_dir", None))
+    reloader = Reloader(rt, args.config, getattr(args, "config_dir", None), getattr(args, "models_dir", None))
     loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
     watcher = loop.create_task(reloader.watch()) if args.watch_config else None
 
@@ -271,11 +298,33 @@ async def serve(config, args) -> None:
             watcher.cancel()
         await reloader.close()
         rt.events.close()  # end log streams and SSE clients so they do not hold the shutdown up
+        if ollama_site is not None:
+            await ollama_site.stop()
         await site.stop()
         await runner.cleanup()
         stop_watching_orphans()
         CHILDREN.reap_orphans()
         log.info("swapd.stopped")
+
+
+async def _listen_ollama(runner, app, address: tuple[str | None, int], config, main_site, log):
+    """The second listener (--ollama-listen / ollama.listen): the same app, plain HTTP, for Ollama's clients."""
+    from swapd.server.dialects import OLLAMA_PORTS
+    from swapd.server.slowclient import Listener
+
+    host, port = address
+    site = Listener(runner, host, port, header_timeout=config.client_limits.header_timeout)
+    try:
+        await site.start()
+    except OSError:
+        await main_site.stop()
+        await runner.cleanup()
+        raise
+    app[OLLAMA_PORTS].update(site.ports)  # the set was made with the app; filled in, not replaced
+    log.info(
+        "swapd.listening_ollama", address=f"{host or '*'}:{port}", routes="/api/chat, /api/generate, /api/tags, ..."
+    )
+    return site
 
 
 class Reloader:
@@ -284,15 +333,20 @@ class Reloader:
     The config is ``--config`` and/or every ``*.yml``/``*.yaml`` file in
     ``--config-dir``; a file added to or removed from the directory counts as
     a change. A config that fails to load is logged and ignored: the running
-    one stays.
+    one stays. The models folder (``modelsDir``, ``--models-dir``) is searched
+    again on every reload, and with ``--watch-config`` a ``*.gguf`` file that
+    comes or goes there is a change too.
     """
 
     POLL_SECONDS = 1.0
 
-    def __init__(self, runtime: Runtime, path: str | None, config_dir: str | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, path: str | None, config_dir: str | None = None, models_dir: str | None = None
+    ) -> None:
         self.runtime = runtime
         self.path = path
         self.config_dir = config_dir
+        self.models_dir = models_dir  # --models-dir
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._log = slog.get_logger("swapd.config")
@@ -307,7 +361,9 @@ class Reloader:
         applies them (the one place a reload happens)."""
         async with self._lock:
             try:
-                new = load_config_sources(self.path, self.config_dir)
+                new = load_config_sources(
+                    self.path, self.config_dir, models_dir=self.models_dir, previous=self.runtime.config
+                )
             except ConfigError as exc:
                 self._log.error("config.reload_failed", reason=why, error=str(exc), detail="keeping the running config")
                 return False
@@ -335,10 +391,14 @@ class Reloader:
                 files = config_dir_files(self.config_dir)
             except ConfigError:
                 return None
-            if not files and not self.path:
+            if not files and not self.path and not self.models_dir:
                 return None  # as llama-swap: an emptied directory is not reloaded
             for name in files:
                 stamps.append((name, self._file_stamp(name)))
+        models_dir = self.runtime.config.models_dir
+        if models_dir is not None:
+            # which *.gguf files are there, not their contents: a file replaced in place is the same model
+            stamps.append((models_dir.path, models_dir_stamp(models_dir.path)))
         return tuple(stamps)
 
     async def watch(self) -> None:
@@ -347,11 +407,11 @@ class Reloader:
         last = self._stamp()
         while True:
             await asyncio.sleep(self.POLL_SECONDS)
-            stamp = self._stamp()
+            stamp = await asyncio.to_thread(self._stamp)  # a models folder may be large, or on NFS
             if stamp is not None and stamp != last:
                 last = stamp
                 await asyncio.sleep(0.2)  # let the writer finish
-                last = self._stamp() or last
+                last = await asyncio.to_thread(self._stamp) or last
                 await self.reload("file changed")
 
     async def close(self) -> None:

@@ -13,14 +13,20 @@ Endpoints:
   GET  /v1/models              the --model-id
   GET  /x/headers              the request headers as a JSON object
   GET  /x/pid                  {"pid": ...}
+  GET  /x/argv                 {"argv": [...]}: the arguments it was started with (after the program)
   GET  /x/fds                  {"fds": {"0": "/dev/null", "3": "socket:[...]", ...}}: this process's open fds
   GET  /x/stats                stream / request counters
+  GET  /x/last                 the last JSON request: {"path": ..., "body": ...} (bodies up to 1 MiB)
   anything else                404 {"error": {"message": ..., "type": "not_found"}}
 
 Extra request-body fields: "x_sleep" (seconds to sleep before answering),
 "x_echo" (non-streaming: content is the raw body length, plus "x_body_bytes" and
 "x_body_sha256"; streaming: the final chunk carries "x_headers", the request headers),
 "max_tokens" (overrides --chunks).
+
+A chat request with "tools" whose last message's content starts with "x_tool_call"
+is answered with a call to the first tool, arguments {"city": "Paris", "days": 3},
+streamed in pieces as OpenAI-compatible servers do (finish_reason "tool_calls").
 """
 
 from __future__ import annotations
@@ -67,6 +73,15 @@ def _out(line: str) -> None:
     sys.stdout.flush()
 
 
+def _wants_tool_call(body: dict[str, Any]) -> bool:
+    messages = body.get("messages") or []
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    content = last.get("content")
+    if isinstance(content, list):  # content parts
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return isinstance(content, str) and content.startswith("x_tool_call")
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=_dumps(data).encode(), status=status, content_type="application/json")
 
@@ -91,6 +106,7 @@ class FakeBackend:
             "connections": 0,  # distinct client connections seen (keep-alive reuse shows here)
         }
         self._peers: set = set()
+        self.last: dict[str, Any] = {}
 
     # -- plumbing -------------------------------------------------------------
 
@@ -110,8 +126,10 @@ class FakeBackend:
         r.add_get("/v1/models", self.models)
         r.add_get("/x/headers", self.x_headers)
         r.add_get("/x/pid", self.x_pid)
+        r.add_get("/x/argv", self.x_argv)
         r.add_get("/x/fds", self.x_fds)
         r.add_get("/x/stats", self.x_stats)
+        r.add_get("/x/last", self.x_last)
         r.add_route("*", "/{tail:.*}", self.not_found)
         return app
 
@@ -144,6 +162,8 @@ class FakeBackend:
             return _error(f"invalid JSON body: {e}", 400, "invalid_request_error")
         if not isinstance(body, dict):
             return _error("request body must be a JSON object", 400, "invalid_request_error")
+        if len(raw) <= 1024 * 1024:
+            self.last = {"path": request.path, "body": body}
         sleep = body.get("x_sleep")
         if sleep:
             await asyncio.sleep(float(sleep))
@@ -181,6 +201,8 @@ class FakeBackend:
         raw, body = got
         model = self._model(body)
         n = self._n_tokens(body)
+        if chat and body.get("tools") and _wants_tool_call(body):
+            return await self._tool_call(request, body, model)
         if body.get("stream") is True:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             timings = body.get("x_timings") is True
@@ -318,6 +340,58 @@ class FakeBackend:
         stats["streams_completed"] += 1
         return resp
 
+    async def _tool_call(self, request: web.Request, body: dict[str, Any], model: str) -> web.StreamResponse:
+        """A call to the first tool: whole, or streamed in pieces (name, then the arguments in three parts)."""
+        name = ((body["tools"][0] or {}).get("function") or {}).get("name", "tool")
+        args = json.dumps({"city": "Paris", "days": 3})
+        call = {"id": "call_fake0", "type": "function", "function": {"name": name, "arguments": args}}
+        usage = {"prompt_tokens": 1, "completion_tokens": 9, "total_tokens": 10}
+        if body.get("stream") is not True:
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            return _json(
+                {
+                    "id": "chatcmpl-tool",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+                    "usage": usage,
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        cut = [args[:5], args[5:17], args[17:]]
+        deltas = [
+            {"role": "assistant", "tool_calls": [{"index": 0, **call, "function": {"name": name, "arguments": ""}}]}
+        ]
+        deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in cut]
+        for i, delta in enumerate(deltas):
+            last = i == len(deltas) - 1
+            event = {
+                "id": "chatcmpl-tool",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
+            await resp.write(b"data: " + _dumps(event).encode() + b"\n\n")
+            if last:
+                event["choices"] = [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]
+                await resp.write(b"data: " + _dumps(event).encode() + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            done = {
+                "id": "chatcmpl-tool",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+            await resp.write(b"data: " + _dumps(done).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
     async def embeddings(self, request: web.Request) -> web.Response:
         got = await self._read_body(request)
         if isinstance(got, web.Response):
@@ -396,6 +470,12 @@ class FakeBackend:
     async def x_pid(self, request: web.Request) -> web.Response:
         return _json({"pid": os.getpid()})
 
+    async def x_argv(self, request: web.Request) -> web.Response:
+        return _json({"argv": sys.argv[1:]})
+
+    async def x_last(self, request: web.Request) -> web.Response:
+        return _json(self.last)
+
     async def x_stats(self, request: web.Request) -> web.Response:
         s = dict(self.stats)
         s["in_flight"] -= 1  # don't count this /x/stats request itself
@@ -465,6 +545,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes, like llama-server"
     )
+    # llama-server's model flags, accepted (and shown by /x/argv) so a modelsDir cmd can run this server
+    p.add_argument("-m", "--model", default=None, metavar="PATH", help="a model file, as llama-server's (unread)")
+    p.add_argument("--mmproj", default=None, metavar="PATH", help="a projector file, as llama-server's (unread)")
     return p.parse_args(argv)
 
 

@@ -23,19 +23,23 @@ from ._merge import config_dir_files, config_sources, load_config_sources
 from ._model import (
     DEFAULT_GROUP_ID,
     PID_PLACEHOLDER,
+    Capabilities,
     Config,
     Filters,
     GroupConfig,
     ModelConfig,
+    ModelsDir,
     ObserveSettings,
     PeerConfig,
     TelemetrySettings,
     Timeouts,
     VramSettings,
 )
+from ._models_dir import DEFAULT_MODELS_DIR_CMD, models_dir_stamp
 from ._vram import parse_vram_size
 
 __all__ = [
+    "Capabilities",
     "Config",
     "ConfigError",
     "DEFAULT_CONCURRENCY_LIMIT",
@@ -52,6 +56,9 @@ __all__ = [
     "TelemetrySettings",
     "MIN_HEALTH_CHECK_TIMEOUT",
     "ModelConfig",
+    "ModelsDir",
+    "DEFAULT_MODELS_DIR_CMD",
+    "models_dir_stamp",
     "PID_PLACEHOLDER",
     "load_config",
     "load_config_sources",

@@ -63,6 +63,8 @@ KNOWN_TOP_LEVEL_KEYS = (
     "clientLimits",
     "allowedHosts",
     "telemetry",
+    "modelsDir",
+    "ollama",
 )
 KNOWN_CLIENT_LIMIT_KEYS = ("maxBodyMB", "headerTimeout", "bodyIdleTimeout", "keepaliveTimeout", "maxBodyBytesInFlight")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)

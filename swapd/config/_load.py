@@ -34,15 +34,26 @@ from ._keys import (
     NOT_IMPLEMENTED_KEYS,
     VRAM_CHECK_MODES,
 )
-from ._model import ClientLimits, Config, ModelConfig, PeerConfig
+from ._model import ClientLimits, Config, ModelConfig, ModelsDir, PeerConfig
 from ._models import _build_filters, _build_model, _check_url, _collect_aliases
 from ._observe import observe_settings
-from ._reader import _Context, _describe, _Reader, _unknown_key_message
+from ._reader import _Context, _describe, _Reader, _unknown_key_message, open_block
 from ._vram import vram_router
 
 
-def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
-    """Load and validate the configuration file at ``path``."""
+def load_config(
+    path: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    models_dir: str | None = None,
+    previous: Config | None = None,
+) -> Config:
+    """Load and validate the configuration file at ``path``.
+
+    ``models_dir`` is ``--models-dir`` (it sets ``modelsDir.path``);
+    ``previous`` is the running config on a reload (models found in the folder
+    keep their ports).
+    """
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -52,15 +63,34 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ConfigError(path, None, None, f"config file is not valid UTF-8 (byte offset {err.start})") from None
-    return load_config_text(text, path, environ)
+    return load_config_text(text, path, environ, models_dir=models_dir, previous=previous)
 
 
-def load_config_text(text: str, path: str = "<string>", environ: Mapping[str, str] | None = None) -> Config:
-    """Load and validate configuration text; ``path`` is only used in messages."""
+def load_config_text(
+    text: str,
+    path: str = "<string>",
+    environ: Mapping[str, str] | None = None,
+    *,
+    models_dir: str | None = None,
+    previous: Config | None = None,
+) -> Config:
+    """Load and validate configuration text; ``path`` is only used in messages (see load_config)."""
     ctx = _Context(path)
     env = os.environ if environ is None else environ
     document = _parse_document(ctx, text, env)
-    return _build(ctx, path, document)
+    return _build(ctx, path, document, models_dir=models_dir, previous=previous)
+
+
+def _kept_ports(previous: Config | None) -> dict[str, int]:
+    """The ports the previous config gave the models it found in modelsDir."""
+    if previous is None or previous.models_dir is None:
+        return {}
+    kept = {}
+    for model_id in previous.models_dir.found:
+        model = previous.models.get(model_id)
+        if model is not None and model.port is not None:
+            kept[model_id] = model.port
+    return kept
 
 
 # ------------------------------------------------------------------ parsing
@@ -123,14 +153,21 @@ def _vram_check(ctx: _Context, document: Mapping[str, Any]) -> tuple[str, float]
     return mode, float(timeout)
 
 
-def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
+def _build(
+    ctx: _Context,
+    path: str,
+    document: dict[str, Any],
+    *,
+    models_dir: str | None = None,
+    previous: Config | None = None,
+) -> Config:
     for key in document:
         if key in NOT_IMPLEMENTED_KEYS:
             ctx.warn(f"key '{key}' is accepted but not implemented by swapd yet; it is ignored")
         elif key not in KNOWN_TOP_LEVEL_KEYS:
             ctx.warn(_unknown_key_message(key, KNOWN_TOP_LEVEL_KEYS))
 
-    expanded, ports = _expand(ctx, document)
+    expanded, ports, found = _expand(ctx, document, models_dir=models_dir, kept_ports=_kept_ports(previous))
     top = _Reader(ctx, expanded)
 
     health_check_timeout = top.int("healthCheckTimeout", DEFAULT_HEALTH_CHECK_TIMEOUT, seconds=True)
@@ -228,7 +265,26 @@ def _build(ctx: _Context, path: str, document: dict[str, Any]) -> Config:
         router=routing.router,
         matrix=routing.matrix,
         observe=observe_settings(ctx, expanded),
+        ollama_listen=_ollama_listen(ctx, expanded),
+        models_dir=(
+            None
+            if found is None
+            else ModelsDir(found.path, MappingProxyType({mid: found.found[mid].path for mid in found.entries}))
+        ),
     )
+
+
+def _ollama_listen(ctx: _Context, document: Mapping[str, Any]) -> str:
+    """ollama.listen: HOST:PORT or :PORT (as --ollama-listen), or "" when absent."""
+    block = open_block(ctx, document.get("ollama"), "ollama", ("listen",))
+    listen = block.str("listen", "").strip()
+    if listen:
+        host, sep, port = listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            ctx.fail(
+                f"expected HOST:PORT or :PORT (for example 127.0.0.1:11434), got {listen!r}", None, "ollama.listen"
+            )
+    return listen
 
 
 DEFAULT_UPSTREAM_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)

@@ -63,7 +63,7 @@ def config_dir_files(config_dir: str) -> list[str]:
 def config_sources(config_path: str | None, config_dir: str | None) -> list[str]:
     """Every file a config is read from, in merge order."""
     if not config_path and not config_dir:
-        raise ConfigError("swapd", None, None, "at least one of --config or --config-dir must be given")
+        raise ConfigError("swapd", None, None, "at least one of --config, --config-dir or --models-dir must be given")
     sources = [config_path] if config_path else []
     if config_dir:
         files = config_dir_files(config_dir)
@@ -85,19 +85,35 @@ def config_sources(config_path: str | None, config_dir: str | None) -> list[str]
     return sources
 
 
+def models_dir_label(models_dir: str) -> str:
+    """What errors and logs call a config made by ``--models-dir`` alone (there is no file)."""
+    return f"--models-dir {models_dir}"
+
+
 def load_config_sources(
     config_path: str | None,
     config_dir: str | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    models_dir: str | None = None,
+    previous: Config | None = None,
 ) -> Config:
-    """Load ``--config`` and/or ``--config-dir`` as one validated :class:`Config`."""
-    from ._load import load_config
+    """Load ``--config`` and/or ``--config-dir`` as one validated :class:`Config`.
 
+    ``models_dir`` (``--models-dir``) sets ``modelsDir.path``, and is enough on
+    its own: with no config file the config is that folder's models and the
+    defaults. ``previous`` is the running config on a reload (see load_config).
+    """
+    from ._load import load_config, load_config_text
+
+    if models_dir and not config_path and (not config_dir or not config_dir_files(config_dir)):
+        label = models_dir_label(models_dir)
+        return load_config_text("", label, environ, models_dir=models_dir, previous=previous)
     if not config_dir:
         if not config_path:
             config_sources(config_path, config_dir)  # raises the "at least one" error
         assert config_path is not None
-        return load_config(config_path, environ)
+        return load_config(config_path, environ, models_dir=models_dir, previous=previous)
     sources = config_sources(config_path, config_dir)
     env = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
@@ -108,7 +124,7 @@ def load_config_sources(
     label = config_dir if not config_path else f"{config_path} + {config_dir}"
     ctx = _Context(label)
     try:
-        return _build(ctx, label, merged)
+        return _build(ctx, label, merged, models_dir=models_dir, previous=previous)
     except ConfigError as err:
         raise _relocate(err, owners) from None
 
@@ -192,7 +208,7 @@ def _merge_value(current: Any, value: Any, path: tuple, file: str, owners: dict[
 def _relocate(err: ConfigError, owners: dict[tuple, str]) -> ConfigError:
     """Point an error found in the merged document at the file it came from."""
     path: tuple = ()
-    if err.model is not None:
+    if err.model is not None and not (err.key or "").startswith("modelsDir."):  # a found model's key is modelsDir's
         path = ("models", err.model)
     if err.key:
         path += tuple(_INDEX.sub("", err.key).split("."))

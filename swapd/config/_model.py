@@ -59,6 +59,25 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """A model's ``capabilities`` key (llama-swap's ModelCapConfig), validated.
+
+    All zero values (``empty``) means the key is not configured, as in
+    llama-swap; swapd then derives them from the model's GGUF (swapd.modelinfo).
+    """
+
+    inputs: tuple[str, ...] = ()  # ``in``: text, audio, image
+    outputs: tuple[str, ...] = ()  # ``out``
+    tools: bool = False
+    reranker: bool = False
+    context: int = 0  # tokens; 0 = not stated
+
+    @property
+    def empty(self) -> bool:
+        return not (self.inputs or self.outputs or self.tools or self.reranker or self.context)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     id: str
     cmd: tuple[str, ...]
@@ -85,6 +104,7 @@ class ModelConfig:
     # swapd addition: the declared VRAM footprint in MiB: on each of the model's GPUs (a float),
     # or per GPU index (pairs); None when not declared (the vram router then measures or estimates)
     vram: float | tuple[tuple[int, float], ...] | None = None
+    capabilities: Capabilities = field(default_factory=Capabilities)  # the ``capabilities`` key; empty when absent
 
     def env_value(self, name: str) -> str | None:
         """The last value ``env`` gives ``name``, or None."""
@@ -143,6 +163,15 @@ class GroupConfig:
     members: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ModelsDir:
+    """``modelsDir`` / ``--models-dir`` (a swapd addition): the folder searched and the models it gave."""
+
+    path: str  # absolute
+    # model id -> ${MODEL_PATH}, for the models that came from the folder (not those ``models:`` overrides)
+    found: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
 @dataclass(frozen=True, eq=False)
 class Config:
     path: str
@@ -176,6 +205,10 @@ class Config:
     matrix: Any = None
     # metricsMaxInMemory, captureBuffer, store, logRequests, performance, telemetry
     observe: ObserveSettings = field(default_factory=ObserveSettings)
+    # ollama.listen: a second address serving the same app for clients wired to Ollama's port ("" = none)
+    ollama_listen: str = ""
+    # modelsDir (swapd.config._models_dir): the folder whose *.gguf files are models; None when not set
+    models_dir: ModelsDir | None = None
 
     def resolve(self, name: str) -> ModelConfig | None:
         """Find a model by id, or failing that by alias."""

@@ -20,7 +20,7 @@ from ._keys import (
     MODEL_TTL_INHERIT,
     PROTECTED_PARAMS,
 )
-from ._model import Filters, ModelConfig, Timeouts
+from ._model import Capabilities, Filters, ModelConfig, Timeouts
 from ._reader import _Context, _describe, _Reader, _unknown_key_message
 from ._vram import model_vram
 
@@ -87,21 +87,29 @@ def _build_timeouts(ctx: _Context, reader: _Reader, model_id: str) -> Timeouts:
     )
 
 
-def _check_capabilities(ctx: _Context, model_id: str, reader: _Reader) -> None:
+def _check_capabilities(ctx: _Context, model_id: str, reader: _Reader) -> Capabilities:
     caps = reader.mapping_of("capabilities")
     caps_reader = _Reader(ctx, caps, model_id, "capabilities.")
+    modalities: dict[str, tuple[str, ...]] = {}
     for direction in ("in", "out"):
-        for index, modality in enumerate(caps_reader.str_list(direction)):
+        modalities[direction] = tuple(caps_reader.str_list(direction))
+        for index, modality in enumerate(modalities[direction]):
             if modality not in MODALITIES:
                 ctx.fail(
                     f"invalid modality {modality!r} (expected one of: {', '.join(MODALITIES)})",
                     model_id,
                     f"capabilities.{direction}[{index}]",
                 )
-    if caps_reader.int("context", 0) < 0:
+    context = caps_reader.int("context", 0)
+    if context < 0:
         ctx.fail("must be >= 0", model_id, "capabilities.context")
-    caps_reader.bool("tools", False)
-    caps_reader.bool("reranker", False)
+    return Capabilities(
+        inputs=modalities["in"],
+        outputs=modalities["out"],
+        tools=caps_reader.bool("tools", False),
+        reranker=caps_reader.bool("reranker", False),
+        context=context,
+    )
 
 
 def _build_model(
@@ -171,7 +179,7 @@ def _build_model(
     sls = model.get("sendLoadingState")
     if sls is not None and not isinstance(sls, bool):
         reader.fail("sendLoadingState", f"expected true or false, got {_describe(sls)}")
-    _check_capabilities(ctx, model_id, reader)
+    capabilities = _check_capabilities(ctx, model_id, reader)
 
     fields: dict[str, Any] = {
         "id": model_id,
@@ -202,6 +210,7 @@ def _build_model(
         filters=_build_filters(ctx, reader, model_id),
         send_loading_state=global_send_loading_state if sls is None else sls,
         timeouts=_build_timeouts(ctx, reader, model_id),
+        capabilities=capabilities,
     )
 
 

@@ -71,7 +71,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -150,6 +150,7 @@ MAX_TENSORS = 1 << 17  # tensor infos (real files: hundreds to a few thousand)
 MAX_KEY_BYTES = 1 << 16
 MAX_NAME_BYTES = 256  # ggml's own limit is 63 (GGML_MAX_NAME)
 KEEP_STRING_BYTES = 1024  # longer string values (chat templates) are skipped, not kept
+KEEP_LONG_STRING_BYTES = 256 * 1024  # the cap for the long strings a caller names (read_header's keep_long)
 KEEP_ARRAY_ITEMS = 1 << 14  # numeric arrays up to this long are kept (per-layer values); longer ones skipped
 MAX_DIMS = 4
 MAX_SPLITS = 1000
@@ -316,8 +317,13 @@ def _read_value(r: _Reader, vtype: int, key: str, lengths: dict[str, int]) -> An
     return [bool(v) for v in values] if itype == _BOOL else values
 
 
-def read_header(path: str) -> GgufHeader:
-    """Parse one GGUF file's header (metadata and tensor infos); raises GgufError or OSError."""
+def read_header(path: str, keep_long: Collection[str] = ()) -> GgufHeader:
+    """Parse one GGUF file's header (metadata and tensor infos); raises GgufError or OSError.
+
+    String values longer than KEEP_STRING_BYTES are skipped (their value is
+    None) except those whose keys are in ``keep_long`` (``tokenizer.chat_template``
+    for swapd.modelinfo), kept up to KEEP_LONG_STRING_BYTES.
+    """
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise GgufError("not a regular file")  # a FIFO or device could block or never end
@@ -342,7 +348,11 @@ def read_header(path: str) -> GgufHeader:
             key = r.string(MAX_KEY_BYTES)
             if key is None:
                 raise GgufError(f"metadata key longer than {MAX_KEY_BYTES} bytes at byte {r.tell()}")
-            metadata[key] = _read_value(r, r.unpack(_U32), key, lengths)
+            vtype = r.unpack(_U32)
+            if vtype == _STRING and key in keep_long:
+                metadata[key] = r.string(KEEP_LONG_STRING_BYTES)
+            else:
+                metadata[key] = _read_value(r, vtype, key, lengths)
         alignment = metadata.get("general.alignment", 32)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise GgufError(f"general.alignment {alignment!r} is not a power of two")
@@ -397,9 +407,9 @@ def split_paths(path: str, count: int) -> list[str]:
     return [f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
-def read_model(path: str) -> list[GgufHeader]:
-    """The header of a model file, and of its other parts when it is a split GGUF."""
-    first = read_header(path)
+def read_model(path: str, keep_long: Collection[str] = ()) -> list[GgufHeader]:
+    """The header of a model file, and of its other parts when it is a split GGUF (``keep_long``: see read_header)."""
+    first = read_header(path, keep_long)
     count = first.metadata.get("split.count", 0)
     if not isinstance(count, int) or count <= 1:
         return [first]

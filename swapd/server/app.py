@@ -10,12 +10,13 @@ import aiohttp
 import psutil
 from aiohttp import web
 
+from swapd import modelinfo
 from swapd.backend import StartError, State
 from swapd.config import Config
 from swapd.logging import get_logger
 from swapd.redact import redact_argv, redact_url
 from swapd.scheduler import SchedulerError
-from swapd.server import activity_api, gpu_api, metrics_api, observe, ui
+from swapd.server import activity_api, capabilities, gpu_api, metrics_api, observe, ui
 from swapd.server.auth import access_middleware
 from swapd.server.bodies import BodyBudget
 from swapd.server.errors import ClientError, error_response
@@ -157,51 +158,44 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 async def handle_models(request: web.Request) -> web.Response:
+    """llama-swap's ``/v1/models``: records in its field order, capabilities rendered as it does.
+
+    Never starts a model. Capabilities come from each model's ``capabilities``
+    key, or else from its GGUF (swapd.server.capabilities); the GGUFs are looked
+    at in one thread per request (a ``stat`` each once read: swapd.modelinfo
+    caches per file version), so a replaced file shows at once.
+    """
     config = request.app[RUNTIME].config
     backends = request.app[RUNTIME].backends
     created = int(time.time())
     include_aliases = config.include_aliases_in_list
     data = []
     usage = await gpu_api.model_usage(request.app)
+    facts = await _listed_facts(config)
     for model_id in config.models:
         mc = config.models[model_id]
         if mc.unlisted:
             continue
         state = backends[model_id].state
         status = "loaded" if state in (State.READY, State.STARTING) else "unloaded"
-        meta = {**(mc.metadata or {}), "type": "model"}
+        fields = capabilities.model_fields(mc, facts.get(model_id))
+        meta = {**capabilities.filter_metadata(mc.metadata or {}, fields), "type": "model"}
         if mc.aliases:
             meta["aliases"] = list(mc.aliases)
         meta["vram_mib"] = usage.get(model_id, {}).get("vram_mib")
         meta["pids"] = backends[model_id].tracked_pids()
-        record = {
-            "id": model_id,
-            "object": "model",
-            "created": created,
-            "owned_by": "swapd",
-            "status": {"value": status},
-            "meta": {"llamaswap": meta},
-        }
-        if mc.name:
-            record["name"] = mc.name.strip()
-        if mc.description:
-            record["description"] = mc.description.strip()
-        data.append(record)
+        data.append(_model_record(model_id, created, mc.name, mc.description, fields, meta, status))
         if include_aliases:
             for alias in mc.aliases:
-                data.append({**record, "id": alias, "meta": {"llamaswap": {"type": "alias", "modelID": model_id}}})
+                alias_meta = {"type": "alias", "modelID": model_id}
+                data.append(_model_record(alias, created, mc.name, mc.description, fields, alias_meta, status))
     for peer in config.peers.values():
         for peer_model in peer.models:
+            peer_meta = {"type": "peer", "peerID": peer.id}
             data.append(
-                {
-                    "id": f"{peer.id}/{peer_model}",
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "swapd",
-                    "name": f"{peer.id}: {peer_model}",
-                    "status": {"value": "unloaded"},
-                    "meta": {"llamaswap": {"type": "peer", "peerID": peer.id}},
-                }
+                _model_record(
+                    f"{peer.id}/{peer_model}", created, f"{peer.id}: {peer_model}", "", {}, peer_meta, "unloaded"
+                )
             )
     data.sort(key=lambda r: r["id"])
     headers = {"Vary": "Origin"}  # the Origin is echoed; caches must key on it
@@ -209,6 +203,32 @@ async def handle_models(request: web.Request) -> web.Response:
     if origin:
         headers["Access-Control-Allow-Origin"] = origin
     return web.json_response({"object": "list", "data": data}, headers=headers)
+
+
+def _model_record(
+    model_id: str, created: int, name: str, description: str, fields: dict, llamaswap: dict, status: str
+) -> dict:
+    """One /v1/models record, its keys in llama-swap's order (modelRecord); empty name/description left out."""
+    record: dict = {"id": model_id, "object": "model", "created": created, "owned_by": "swapd"}
+    if name.strip():
+        record["name"] = name.strip()
+    if description.strip():
+        record["description"] = description.strip()
+    record.update(fields)
+    meta: dict = {"llamaswap": llamaswap}
+    if fields.get("context_length"):
+        meta["n_ctx"] = fields["context_length"]
+    record["meta"] = meta
+    record["status"] = {"value": status}
+    return record
+
+
+async def _listed_facts(config: Config) -> dict[str, modelinfo.ModelFacts]:
+    """What the GGUFs of the listed models without a ``capabilities`` key say, read in one thread."""
+    todo = [mc for mc in config.models.values() if not mc.unlisted and capabilities.needs_facts(mc)]
+    if not todo:
+        return {}
+    return await asyncio.to_thread(lambda: {mc.id: modelinfo.facts(mc) for mc in todo})
 
 
 async def handle_running(request: web.Request) -> web.Response:

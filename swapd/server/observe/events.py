@@ -13,6 +13,7 @@ from aiohttp import web
 
 from swapd.logging import PROXY_STREAM, get_logger
 from swapd.logring import LogLine
+from swapd.server import capabilities
 from swapd.server.keys import RUNTIME
 from swapd.server.observe.logs import _IDLE_CHECK_SECONDS, ObservedLogRing, _client_gone, _plain, _tagged
 
@@ -160,6 +161,11 @@ def model_status(runtime) -> list[dict[str, Any]]:
         }
         if mc.aliases:
             entry["aliases"] = list(mc.aliases)
+        # llama-swap renders only the capabilities key here (no GGUF is read on this path)
+        fields = capabilities.render(mc.capabilities)
+        for key in ("capabilities", "context_length"):
+            if key in fields:
+                entry[key] = fields[key]
         out.append(entry)
     for peer_id, peer in (getattr(config, "peers", None) or {}).items():
         for model in peer.models:
