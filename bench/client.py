@@ -324,6 +324,12 @@ def mode_latency_c(args: dict) -> dict:
 
 
 def _stream_body(args: dict) -> bytes:
+    if args.get("ollama"):  # Ollama's /api/chat: streams by default, num_predict caps the tokens
+        return json.dumps({
+            "model": args.get("model", "x"),
+            "options": {"num_predict": args["tokens"]},
+            "messages": [{"role": "user", "content": "hi"}],
+        }).encode()
     return json.dumps({
         "model": args.get("model", "x"),
         "stream": True,
@@ -344,6 +350,7 @@ def mode_stream(args: dict) -> dict:
     tail = b""
     first = None
     body = BodyReader()
+    marker = b"\n" if args.get("ollama") else b"data: "  # NDJSON: one object a line
     while True:
         data = sock.recv(262144)
         if not data:
@@ -353,7 +360,7 @@ def mode_stream(args: dict) -> dict:
         data = body.feed(data)
         total += len(data)
         joined = tail + data
-        events += joined.count(b"data: ") - tail.count(b"data: ")
+        events += joined.count(marker) - tail.count(marker)
         tail = joined[-8:]
     t1 = time.perf_counter()
     sock.close()

@@ -43,13 +43,16 @@ PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-SCENARIOS = ("latency", "relay", "fanout", "coldstart", "swap", "footprint", "scale", "realmodel", "bigbody", "admission")
+SCENARIOS = (
+    "latency", "relay", "ollama", "fanout", "coldstart", "swap", "footprint", "scale", "realmodel", "bigbody", "admission"
+)
 
 # Targets: (result key, label, limit, unit, comparison)
 TARGETS = [
     ("latency.c1.added_p50_ms", "added latency p50, c=1", 0.5, "ms", "le"),
     ("latency.c1.added_p99_ms", "added latency p99, c=1", 1.5, "ms", "le"),
     ("relay.swapd_us_per_chunk", "relay CPU per chunk", 15.0, "us", "le"),
+    ("ollama.ndjson_us_per_chunk", "Ollama NDJSON translation CPU per chunk", 25.0, "us", "le"),
     ("fanout.added_p99_ms", "fan-out added delay p99 (64 streams)", 5.0, "ms", "le"),
     ("coldstart.overhead_p50_ms", "cold-start overhead p50", 25.0, "ms", "le"),
     ("swap.overhead_p50_ms", "swap overhead p50", 100.0, "ms", "le"),
@@ -481,6 +484,33 @@ class Bench:
         if "nginx" in out:
             out["nginx_us_per_chunk"] = out["nginx"]["cpu_us_per_chunk"]
         return out
+
+    # -- Ollama's NDJSON translation ---------------------------------------------------
+    def ollama(self) -> dict:
+        """swapd's CPU per chunk for the same stream relayed as SSE and translated to Ollama's NDJSON."""
+        tokens = 20000
+        reps = 2 if self.quick else 5
+        port = self.swapd.port
+        rows: dict[str, list[float]] = {"relay": [], "ndjson": []}
+        for _ in range(reps):
+            for name, args in (
+                ("relay", {"path": "/v1/chat/completions"}),
+                ("ndjson", {"path": "/api/chat", "ollama": True}),
+            ):
+                r = run_client("stream", {"port": port, "tokens": tokens, "model": "fast", **args},
+                               sample={"swapd": self.swapd.pid})
+                if r["events"] < tokens:
+                    raise RuntimeError(f"ollama scenario via {name}: {r['events']} events, expected {tokens}+")
+                rows[name].append(r["_proc"]["swapd"]["cpu_s"] / tokens * 1e6)
+        relay_us = statistics.median(rows["relay"])
+        ndjson_us = statistics.median(rows["ndjson"])
+        return {
+            "chunks": tokens,
+            "reps": reps,
+            "relay_us_per_chunk": round(relay_us, 2),
+            "ndjson_us_per_chunk": round(ndjson_us, 2),
+            "translation_us_per_chunk": round(ndjson_us - relay_us, 2),
+        }
 
     # -- fan-out -------------------------------------------------------------------
     def fanout(self) -> dict:

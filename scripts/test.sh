@@ -5,6 +5,7 @@
 #   .venv            swapd with its test extras (pip install -e '.[test]')
 #   nginx            from Debian packages, when missing and we are root
 #   chromium         likewise, for the web UI tests (Playwright drives the system browser)
+#   tests/js         the JavaScript clients the tests drive (npm ci; needs node and npm)
 #   cmake, g++       likewise, for building llama-server
 #   .venv-litellm    LiteLLM's proxy in its own virtualenv
 #   llama-server and SmolLM2's GGUF, via `swapd setup` (cached in ~/.cache/swapd)
@@ -53,6 +54,15 @@ if command -v chromium >/dev/null; then
     echo "present: $(command -v chromium)"
 else
     apt_install chromium || warn "chromium could not be installed; the browser tests will skip"
+fi
+
+step "JavaScript clients in tests/js (npm ci)"
+if [ -d tests/js/node_modules/ollama ]; then
+    echo "present: tests/js/node_modules"
+elif command -v npm >/dev/null; then
+    (cd tests/js && npm ci --silent --no-audit --no-fund) || warn "npm ci in tests/js failed; the JavaScript client tests will skip"
+else
+    warn "npm is not installed; the JavaScript client tests will skip"
 fi
 
 step "build tools for llama-server"

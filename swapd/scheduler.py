@@ -110,10 +110,12 @@ class Lease:
     def model_id(self) -> str:
         return self.backend.id
 
-    def release(self) -> None:
+    def release(self, keep_alive: float | None = None) -> None:
+        """Give the slot back. ``keep_alive`` (seconds; < 0: forever, 0: stop when idle) replaces the
+        model's TTL for the idle time that follows, as Ollama's per-request ``keep_alive`` does."""
         if not self._released:
             self._released = True
-            self._scheduler._on_serve_done(self.backend.id)
+            self._scheduler._on_serve_done(self.backend.id, keep_alive)
 
 
 @dataclass(eq=False)
@@ -165,6 +167,8 @@ class Scheduler:
         self._reserved: dict[str, int] = {}
         self._in_flight: dict[str, int] = {}
         self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
+        # a TTL set by the last finished request (Ollama's keep_alive), in place of the model's own
+        self._keep_alive: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self.swap_count = 0
@@ -481,7 +485,11 @@ class Scheduler:
         else:
             self._reserved.pop(model_id, None)
 
-    def _on_serve_done(self, model_id: str) -> None:
+    def _on_serve_done(self, model_id: str, keep_alive: float | None = None) -> None:
+        if keep_alive is None:
+            self._keep_alive.pop(model_id, None)
+        else:
+            self._keep_alive[model_id] = keep_alive
         self._release(model_id)
         self._last_used[model_id] = time.monotonic()
         n = self._in_flight.get(model_id, 0) - 1
@@ -497,9 +505,13 @@ class Scheduler:
         backend = self.backends.get(model_id)
         if backend is None or backend.state is not State.READY or self._closing:
             return
-        ttl = backend.model.ttl
-        if ttl <= 0:
-            return
+        ttl = self._keep_alive.get(model_id)
+        if ttl is None:
+            ttl = backend.model.ttl
+            if ttl <= 0:
+                return
+        elif ttl < 0:
+            return  # keep_alive < 0: loaded until something else stops it
         old = self._ttl_timers.pop(model_id, None)
         if old is not None:
             old.cancel()
@@ -507,6 +519,7 @@ class Scheduler:
 
     def _ttl_expired(self, model_id: str) -> None:
         self._ttl_timers.pop(model_id, None)
+        keep_alive = self._keep_alive.pop(model_id, None)
         backend = self.backends.get(model_id)
         if (
             backend is None
@@ -516,7 +529,7 @@ class Scheduler:
             or any(r.model == model_id for r in self._queue)
         ):
             return
-        log.info("scheduler.ttl_expired", model=model_id, ttl=backend.model.ttl)
+        log.info("scheduler.ttl_expired", model=model_id, ttl=backend.model.ttl if keep_alive is None else keep_alive)
         self._spawn(self._stop_then_drain(model_id, "ttl"))
 
     # -- effects (tasks) ---------------------------------------------------

@@ -16,7 +16,7 @@ from swapd.config import Config
 from swapd.logging import get_logger
 from swapd.redact import redact_argv, redact_url
 from swapd.scheduler import SchedulerError
-from swapd.server import activity_api, capabilities, gpu_api, metrics_api, observe, ui
+from swapd.server import activity_api, capabilities, gpu_api, metrics_api, observe, ollama, ui
 from swapd.server.auth import access_middleware
 from swapd.server.bodies import BodyBudget
 from swapd.server.errors import ClientError, error_response
@@ -408,6 +408,7 @@ def create_app(config: Config) -> web.Application:
     gpu_api.install(app)
     metrics_api.install(app)
     ui.install(app)
+    ollama.install(app)
     app.cleanup_ctx.append(_tracing)
     r.add_route("*", "/{tail:.*}", handle_not_found)
     return app

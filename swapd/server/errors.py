@@ -7,6 +7,8 @@ import json
 
 from aiohttp import web
 
+from swapd.server.dialects import is_ollama_path
+
 _TYPES = {
     400: ("invalid_request_error", "bad_request"),
     401: ("authentication_error", "unauthorized"),
@@ -44,6 +46,9 @@ def error_response(
     JSON (OpenAI's ``{"error": {...}}``) unless the client prefers plain text
     or HTML, as llama-swap does for curl and browsers.
     """
+    if request is not None and is_ollama_path(request.path):
+        # Ollama's clients read {"error": "..."} (the ollama libraries raise it as ResponseError)
+        return web.json_response({"error": message}, status=status, headers=headers)
     accept = request.headers.get("Accept", "") if request is not None else ""
     if "text/plain" in accept:
         return web.Response(status=status, text=f"swapd: {message}", headers=headers)

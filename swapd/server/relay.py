@@ -122,7 +122,7 @@ class _AiohttpUpstream:
 async def _open(
     rt_pool: UpstreamPool,
     session: aiohttp.ClientSession,
-    request: web.Request,
+    method: str,
     url: str,
     body,
     headers: CIMultiDict,
@@ -131,16 +131,50 @@ async def _open(
 ):
     if url.startswith("http://"):
         return await rt_pool.request(
-            request.method, url, headers, body, content_length=content_length, connect_timeout=connect_timeout
+            method, url, headers, body, content_length=content_length, connect_timeout=connect_timeout
         )
     if content_length is not None:
         headers["Content-Length"] = str(content_length)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout) if connect_timeout else None
     # encoded=True: the path and query go out exactly as the client sent them
     resp = await session.request(
-        request.method, URL(url, encoded=True), data=body, headers=headers, allow_redirects=False, timeout=timeout
+        method, URL(url, encoded=True), data=body, headers=headers, allow_redirects=False, timeout=timeout
     )
     return _AiohttpUpstream(resp)
+
+
+async def open_upstream(
+    pool: UpstreamPool,
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body,
+    headers: CIMultiDict,
+    model_id: str,
+    *,
+    timeouts: Timeouts | None = None,
+    content_length: int | None = None,
+):
+    """Send the request and wait for the backend's response head; failures become ``UpstreamError`` (502, 504).
+
+    Returns an ``UpstreamResponse`` (``http://``) or the same interface over
+    aiohttp (``https://``); the caller reads its body and releases or closes it.
+    """
+    connect_timeout = timeouts.connect if timeouts is not None and timeouts.connect else DEFAULT_CONNECT_TIMEOUT
+    header_timeout = timeouts.response_header if timeouts is not None and timeouts.response_header else None
+    try:
+        if header_timeout is None:
+            return await _open(pool, session, method, url, body, headers, content_length, connect_timeout)
+        async with asyncio.timeout(header_timeout):
+            return await _open(pool, session, method, url, body, headers, content_length, connect_timeout)
+    except TimeoutError as exc:
+        raise UpstreamError(504, f"model {model_id}: backend did not answer in time (timeouts)") from exc
+    except UpstreamProtocolError as exc:
+        raise UpstreamError(
+            502, f"model {model_id}: backend sent an invalid response: {exc}", "backend_bad_response"
+        ) from exc
+    except (UpstreamFault, aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError(502, f"model {model_id}: backend unreachable: {exc}") from exc
 
 
 async def relay(
@@ -170,22 +204,9 @@ async def relay(
     headers = forward_headers(request, drop_headers)
     if extra_headers:
         headers.update(extra_headers)
-    connect_timeout = timeouts.connect if timeouts is not None and timeouts.connect else DEFAULT_CONNECT_TIMEOUT
-    header_timeout = timeouts.response_header if timeouts is not None and timeouts.response_header else None
-    try:
-        if header_timeout is None:
-            upstream = await _open(pool, session, request, url, body, headers, content_length, connect_timeout)
-        else:
-            async with asyncio.timeout(header_timeout):
-                upstream = await _open(pool, session, request, url, body, headers, content_length, connect_timeout)
-    except TimeoutError as exc:
-        raise UpstreamError(504, f"model {model_id}: backend did not answer in time (timeouts)") from exc
-    except UpstreamProtocolError as exc:
-        raise UpstreamError(
-            502, f"model {model_id}: backend sent an invalid response: {exc}", "backend_bad_response"
-        ) from exc
-    except (UpstreamFault, aiohttp.ClientError, OSError) as exc:
-        raise UpstreamError(502, f"model {model_id}: backend unreachable: {exc}") from exc
+    upstream = await open_upstream(
+        pool, session, request.method, url, body, headers, model_id, timeouts=timeouts, content_length=content_length
+    )
     if prepared is not None:
         request["swapd.status"] = prepared.status
         if record is not None:
@@ -271,7 +292,7 @@ async def relay(
         else:
             upstream.close()
         if record is not None:
-            _account(record, first, head, tail)
+            keep_body_ends(record, first, head, tail)
 
 
 async def _relay_loop(upstream, response: web.StreamResponse, record: RequestRecord) -> tuple[float, bytes, bytes]:
@@ -295,7 +316,7 @@ async def _relay_loop(upstream, response: web.StreamResponse, record: RequestRec
     return first, head, b"".join((p3, p2, prev, last))
 
 
-def _account(record: RequestRecord, first: float, head: bytes, tail: bytes) -> None:
+def keep_body_ends(record: RequestRecord, first: float, head: bytes, tail: bytes) -> None:
     """Keep what telemetry reads once the request is finished: the first byte's time and the body's ends."""
     if first and not record.first_byte:
         record.first_byte = first
@@ -377,4 +398,4 @@ async def _relay_into(
         if record is not None:
             if upstream.status != 200:
                 record.error = f"backend answered {upstream.status}"
-            _account(record, first, head, tail)
+            keep_body_ends(record, first, head, tail)

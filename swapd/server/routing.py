@@ -20,13 +20,13 @@ from yarl import URL
 from swapd.backend import StartError, State
 from swapd.config import Config, Filters, ModelConfig, PeerConfig
 from swapd.logging import get_logger
-from swapd.scheduler import SchedulerError
+from swapd.scheduler import Lease, SchedulerError
 from swapd.server.bodies import TopLevelScanner
 from swapd.server.errors import ClientError
 from swapd.server.keys import BODY_BUDGET, RUNTIME
 from swapd.server.relay import CREDENTIAL_HEADERS, UpstreamError, relay
 from swapd.server.slowclient import check_declared_length, next_chunk, stream_body
-from swapd.telemetry.record import Capture, Wait, operation_for
+from swapd.telemetry.record import Capture, RequestRecord, Wait, operation_for
 
 log = get_logger("swapd.server")
 
@@ -53,7 +53,7 @@ def _bad_model(name, config: Config) -> ClientError:
     return ClientError(404, message, "model_not_found")
 
 
-def _lookup(config: Config, name) -> ModelConfig | tuple[PeerConfig, str]:
+def lookup_model(config: Config, name) -> ModelConfig | tuple[PeerConfig, str]:
     """A local model (id or alias; these win) or a (peer, model) pair."""
     if isinstance(name, str) and name:
         model = config.resolve(name)
@@ -176,7 +176,7 @@ async def forward_local(
     rt = request.app[RUNTIME]
     scheduler = rt.scheduler
     t0 = time.monotonic()
-    record = _begin_record(request, rt, model.id, requested, body, t0)
+    record = begin_record(request, rt, model.id, requested, body, t0)
     ticket = scheduler.request(model.id)  # 429 here, before any loading stream
     loader = None
     try:
@@ -196,15 +196,10 @@ async def forward_local(
     if loader is not None:
         await loader.finish()
     backend_model = lease.backend.model
-    key_headers = _own_key_headers(backend_model.api_key)
+    key_headers = own_key_headers(backend_model.api_key)
     if record is not None:
-        record.queued_s = time.monotonic() - t0
-        waited = lease.waited
-        if waited is not None:  # a waiter that joined a swap under way waited only from its own arrival
-            record.waits.append(
-                Wait(waited.model, max(waited.started, t0), max(waited.stops_done, t0), waited.ready, waited.stopped)
-            )
-        key_headers = _trace_headers(rt, record, key_headers)
+        note_wait(record, lease, t0)
+        key_headers = trace_headers(rt, record, key_headers)
     try:
         return await _relay_logged(
             request,
@@ -224,7 +219,31 @@ async def forward_local(
         lease.release()
 
 
-def _begin_record(request: web.Request, rt, model_id: str, requested: str, body, t0: float, peer: str = ""):
+def note_wait(record: RequestRecord, lease: Lease, t0: float) -> None:
+    """Put on the record how long the request queued and the start or swap it waited on."""
+    record.queued_s = time.monotonic() - t0
+    waited = lease.waited
+    if waited is not None:  # a waiter that joined a swap under way waited only from its own arrival
+        record.waits.append(
+            Wait(waited.model, max(waited.started, t0), max(waited.stops_done, t0), waited.ready, waited.stopped)
+        )
+
+
+async def lease_model(rt, model_id: str, record: RequestRecord | None, t0: float) -> Lease:
+    """Admit a request for ``model_id`` (429/404/503 here), wait for its lease, and note the wait on the record."""
+    scheduler = rt.scheduler
+    ticket = scheduler.request(model_id)
+    try:
+        lease = await scheduler.wait(ticket)
+    except BaseException:
+        scheduler.abandon(ticket)
+        raise
+    if record is not None:
+        note_wait(record, lease, t0)
+    return lease
+
+
+def begin_record(request: web.Request, rt, model_id: str, requested: str, body, t0: float, peer: str = ""):
     """The request's telemetry record (POST requests, as llama-swap meters them); the middleware finishes it."""
     if request.method != "POST":
         return None
@@ -240,7 +259,7 @@ def _begin_record(request: web.Request, rt, model_id: str, requested: str, body,
     return record
 
 
-def _trace_headers(rt, record, headers: dict[str, str] | None) -> dict[str, str] | None:
+def trace_headers(rt, record, headers: dict[str, str] | None) -> dict[str, str] | None:
     tracer = rt.telemetry.tracer
     if tracer is None or record is None or record.span is None:
         return headers
@@ -250,7 +269,7 @@ def _trace_headers(rt, record, headers: dict[str, str] | None) -> dict[str, str]
     return {**(headers or {}), **outgoing}
 
 
-def _own_key_headers(api_key: str) -> dict[str, str] | None:
+def own_key_headers(api_key: str) -> dict[str, str] | None:
     """A backend's or peer's own key, in both places OpenAI- and Anthropic-style servers look."""
     return {"Authorization": f"Bearer {api_key}", "x-api-key": api_key} if api_key else None
 
@@ -268,7 +287,7 @@ async def forward_peer(
     # a peer is another host: it gets its configured key or no credential at all, never the client's
     rt = request.app[RUNTIME]
     t0 = time.monotonic()
-    record = _begin_record(request, rt, f"{peer.id}/{model_name}", requested or model_name, body, t0, peer.id)
+    record = begin_record(request, rt, f"{peer.id}/{model_name}", requested or model_name, body, t0, peer.id)
     return await _relay_logged(
         request,
         peer.proxy + path_qs,
@@ -276,7 +295,7 @@ async def forward_peer(
         f"{peer.id} (peer)",
         t0,
         {"peer": peer.id},
-        extra_headers=_trace_headers(rt, record, _own_key_headers(peer.api_key)),
+        extra_headers=trace_headers(rt, record, own_key_headers(peer.api_key)),
         drop_headers=CREDENTIAL_HEADERS,
         content_length=content_length,
         record=record,
@@ -360,7 +379,7 @@ async def handle_json_model(request: web.Request) -> web.StreamResponse:
         body: bytes | bytearray = content.read_nowait()
         data = _parse_object(body)
         requested = data.get("model")
-        target = _lookup(rt.config, requested)
+        target = lookup_model(rt.config, requested)
         rewritten = _rewrite(data, target, requested)
         return await _route_json(request, target, rewritten or body, data.get("stream") is True, data.get("model"))
     return await _handle_held_body(request)
@@ -403,7 +422,7 @@ async def _handle_held_body(request: web.Request) -> web.StreamResponse:
             if (large or len(body) > SCAN_FROM) and not scanner.complete(("model", "stream")):
                 scanner.feed(body)
                 if target is None and "model" in scanner.found:
-                    target = _lookup(rt.config, scanner.found["model"])
+                    target = lookup_model(rt.config, scanner.found["model"])
                     if isinstance(target, ModelConfig):
                         rt.scheduler.check_admission(target.id)  # 429 now, before the rest of the body
         requested = scanner.found.get("model")
@@ -417,7 +436,7 @@ async def _handle_held_body(request: web.Request) -> web.StreamResponse:
             requested = data.get("model")
             stream = data.get("stream") is True
             if target is None:
-                target = _lookup(rt.config, requested)
+                target = lookup_model(rt.config, requested)
             if len(body) <= INLINE_PARSE_LIMIT:
                 rewritten = _rewrite(data, target, requested)
             else:
@@ -447,7 +466,7 @@ async def _route_json(
 
 async def handle_query_model(request: web.Request) -> web.StreamResponse:
     requested = request.query.get("model")
-    target = _lookup(request.app[RUNTIME].config, requested)
+    target = lookup_model(request.app[RUNTIME].config, requested)
     if isinstance(target, ModelConfig):
         return await forward_local(request, target, request.raw_path, None)
     return await forward_peer(request, target[0], request.raw_path, None, model_name=target[1])
@@ -528,7 +547,7 @@ async def handle_multipart_model(request: web.Request) -> web.StreamResponse:
     if span is None:
         raise ClientError(400, "the multipart form has no 'model' field", "model_not_found")
     requested = buf[span[0] : span[1]].decode("utf-8", "replace").strip()
-    target = _lookup(request.app[RUNTIME].config, requested)
+    target = lookup_model(request.app[RUNTIME].config, requested)
     new_name = None
     if isinstance(target, ModelConfig):
         new_name = target.use_model_name or None

@@ -146,6 +146,13 @@ class Listener:
             reuse_address=True,
         )
 
+    @property
+    def ports(self) -> set[int]:
+        """The local ports bound (one per address family), once started."""
+        if self._server is None:
+            return set()
+        return {sock.getsockname()[1] for sock in self._server.sockets}
+
     async def stop(self) -> None:
         """Stop accepting; open connections are left to ``runner.cleanup()``."""
         if self._server is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from swapd.server.dialects import on_ollama_listener
 from swapd.server.errors import ClientError
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
@@ -108,6 +109,8 @@ def install(app: web.Application, root: Path = UI_DIR) -> None:
 
 
 async def handle_redirect(request: web.Request) -> web.Response:
+    if request.path == "/" and on_ollama_listener(request):
+        return web.Response(text="Ollama is running")  # what Ollama's clients probe its root for
     # Relative, so a proxy that serves swapd at a sub-path (/swapd/) keeps it: "/swapd/" -> "/swapd/ui/".
     # From "/ui" it resolves to "/ui/" as well.
     location = "ui/"

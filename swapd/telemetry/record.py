@@ -121,6 +121,11 @@ _OPERATIONS = {
     "/completion": "text_completion",
     "/infill": "text_completion",
     "/v1/embeddings": "embeddings",
+    # Ollama's API (swapd.server.ollama)
+    "/api/chat": "chat",
+    "/api/generate": "text_completion",
+    "/api/embed": "embeddings",
+    "/api/embeddings": "embeddings",
 }
 
 
