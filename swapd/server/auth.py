@@ -1,4 +1,4 @@
-"""API keys and CORS preflight, as llama-swap does them.
+"""API keys, and where CORS preflights are answered, as llama-swap does them.
 
 When ``apiKeys`` is set every route needs one, except the health checks,
 CORS preflights and the web UI's static files (which hold no data; the UI
@@ -11,17 +11,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import re
 
 from aiohttp import web
 
+from swapd.server.cors import preflight_response
 from swapd.server.errors import ClientError
 from swapd.server.keys import RUNTIME
 from swapd.server.ui import is_ui_path
 from swapd.server.webguard import cross_site_refusal, host_refusal
 
 EXEMPT_PATHS = frozenset({"/health", "/wol-health"})
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 def extract_api_key(request: web.Request) -> tuple[str, str]:
@@ -50,30 +49,9 @@ def key_matches(provided: str, keys: tuple[str, ...]) -> bool:
     return ok
 
 
-def _allowed_headers(requested: str) -> str:
-    valid = [h.strip() for h in requested.split(",") if h.strip() and _TOKEN.match(h.strip())]
-    return ", ".join(valid)
-
-
-def _preflight(request: web.Request) -> web.Response:
-    requested = request.headers.get("Access-Control-Request-Headers", "")
-    return web.Response(
-        status=204,
-        headers={
-            "Access-Control-Allow-Origin": "*",
-            "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
-            "Access-Control-Allow-Headers": _allowed_headers(requested)
-            if requested
-            else "Content-Type, Authorization, Accept, X-Requested-With",
-            "Access-Control-Max-Age": "86400",
-            "Vary": "Access-Control-Request-Headers",  # the allowed headers echo the request's
-        },
-    )
-
-
 @web.middleware
 async def access_middleware(request: web.Request, handler):
-    """CORS preflights are answered for any path without a key; everything else needs one if keys are set.
+    """CORS preflights (swapd.server.cors) need no key, on any path; everything else needs one if keys are set.
 
     Before the key, the browser defences of :mod:`swapd.server.webguard`: a
     keyless swapd answers only Host names a DNS rebinding attack cannot use,
@@ -83,7 +61,7 @@ async def access_middleware(request: web.Request, handler):
     wrapper on every request.
     """
     if request.method == "OPTIONS":
-        return _preflight(request)
+        return preflight_response(request)  # swapd.server.cors: security.cors decides its headers
     rt = request.app[RUNTIME]
     if request.path not in EXEMPT_PATHS:
         refusal = host_refusal(request, rt.config, rt.listen_host)

@@ -8,7 +8,10 @@ use; it refuses all of those. This module adds only what llhttp leaves to its
 caller:
 
 - interim (1xx) heads are skipped, at most ``MAX_INTERIM`` of them;
-- 101 Switching Protocols is refused (no websocket relay yet);
+- 101 Switching Protocols is refused, except by a parser made with
+  ``upgrade=True`` (the websocket hop, swapd.server.websocket): there the
+  101's head is the end of HTTP, ``switched`` is set and ``upgrade_tail``
+  holds the bytes that came after it (the backend's first frames);
 - header values must be valid UTF-8, because aiohttp writes header strings as
   UTF-8: anything else could not reach the client byte for byte, and swapd
   refuses a reply rather than alter it;
@@ -73,10 +76,14 @@ class ResponseParser:
         "_start",
         "close_delimited",
         "done",
+        "_upgrade",
+        "switched",
+        "upgrade_tail",
     )
 
-    def __init__(self, handler: ResponseHandler, no_body: bool) -> None:
+    def __init__(self, handler: ResponseHandler, no_body: bool, *, upgrade: bool = False) -> None:
         self._parser = httptools.HttpResponseParser(self)
+        self._upgrade = upgrade  # a 101 ends the HTTP part (a websocket handshake's answer) instead of failing
         self.reset(handler, no_body)
 
     def can_continue(self) -> bool:
@@ -98,6 +105,8 @@ class ResponseParser:
         self._start = b""  # the answer's first bytes, to name in an error
         self.close_delimited = False
         self.done = False
+        self.switched = False  # a 101 was accepted (``upgrade=True``): what follows is not HTTP
+        self.upgrade_tail = b""  # the bytes after that 101's head, in the read that carried it
         return self
 
     def feed(self, data: bytes) -> None:
@@ -108,7 +117,10 @@ class ResponseParser:
                 self._start += data[: 60 - len(self._start)]
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:  # refused in on_headers_complete; only a stray one after the end
+        except httptools.HttpParserUpgrade as exc:  # refused in on_headers_complete unless ``upgrade``
+            if self.switched:
+                self.upgrade_tail = data[exc.args[0] :]
+                return
             self._handler.bytes_after_response()
         except httptools.HttpParserCallbackError as exc:
             self._flush_good()
@@ -179,9 +191,9 @@ class ResponseParser:
             return
         parser = self._parser
         status = parser.get_status_code()
-        if status == 101:
-            raise UpstreamProtocolError("backend switched protocols (101); swapd does not relay upgrades")
-        if 100 <= status < 200:
+        if status == 101 and not self._upgrade:
+            raise UpstreamProtocolError("backend switched protocols (101) to a request that asked for no upgrade")
+        if 100 <= status < 200 and status != 101:
             self._interim += 1
             if self._interim > MAX_INTERIM:
                 raise UpstreamProtocolError(f"more than {MAX_INTERIM} interim (1xx) responses")
@@ -206,6 +218,9 @@ class ResponseParser:
             headers.add(name, value)
         self._names.clear()
         self._values.clear()
+        if status == 101:
+            self._switch(headers)
+            return
         keep_alive = parser.should_keep_alive()
         if transfer_codings:
             # only chunked is decoded here: any other coding would reach the client undecoded and unlabelled
@@ -225,6 +240,20 @@ class ResponseParser:
         self._handler.head_received(status, reason, headers, keep_alive)
         if self._no_body:  # HEAD: llhttp would wait for the declared body, which never comes
             self._finish()
+
+    def _switch(self, headers: CIMultiDict[str]) -> None:
+        """An accepted 101: the head goes to the handler; llhttp stops at its end (HttpParserUpgrade)."""
+        tokens = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+        if "upgrade" not in tokens:  # llhttp would not say where the new protocol begins
+            raise UpstreamProtocolError("backend answered 101 without 'Connection: Upgrade'")
+        self._head_done = True
+        self.switched = True
+        self.done = True
+        try:
+            reason = self._reason.decode("utf-8")
+        except UnicodeDecodeError:
+            reason = ""
+        self._handler.head_received(101, reason, headers, False)
 
     def on_body(self, body: bytes) -> None:
         if self.done:
