@@ -27,7 +27,7 @@ CHROMIUM_ARGS = [
 # The routes the UI may call, as the issue names them (plus /api/version for the header).
 PUBLIC_API = re.compile(
     r"^/(|ui/.*|api/events|running|api/gpus|api/version|api/metrics/(activity|stats)|logs/stream(/.+)?|v1/models"
-    r"|v1/chat/completions|upstream/.+|api/models/unload(/.+)?)$"
+    r"|v1/chat/completions|upstream/.+|api/models/unload(/.+)?|api/inflight/[^/]+/cancel)$"
 )
 
 

@@ -285,7 +285,7 @@ def test_file_store_survives_reopening_and_is_not_capped(opened, tmp_path):
     with sqlite3.connect(path) as conn:
         cols = [c[1] for c in conn.execute("PRAGMA table_info(activity)")]
     assert cols[:3] == ["id", "ts_created", "model_id"] and cols[15] == "metadata_json"
-    assert cols[16:] == ["ttft_ms", "waited", "wait_ms", "start_ms"]  # swapd's, after llama-swap's
+    assert cols[16:] == ["ttft_ms", "waited", "wait_ms", "start_ms", "session_id"]  # swapd's, after llama-swap's
 
 
 def test_close_writes_everything_queued(tmp_path):
@@ -773,7 +773,7 @@ def test_a_store_file_with_the_old_schema_gets_the_new_columns(swapd, tmp_path):
         }
     ]
     added = [e["column"] for e in s.log_events() if e.get("event") == "activity.column_added"]
-    assert added == ["ttft_ms", "waited", "wait_ms", "start_ms"]
+    assert added == ["ttft_ms", "waited", "wait_ms", "start_ms", "session_id"]
     assert s.chat("m1").status == 200
     _wait_rows(s, {}, 2)
     new = _rows(s)[0]
@@ -783,7 +783,7 @@ def test_a_store_file_with_the_old_schema_gets_the_new_columns(swapd, tmp_path):
         cols = [c[1] for c in conn.execute("PRAGMA table_info(activity)")]
         written = conn.execute("SELECT id, waited, start_ms > 0 FROM activity ORDER BY id").fetchall()
     conn.close()
-    assert cols[16:] == ["ttft_ms", "waited", "wait_ms", "start_ms"]
+    assert cols[16:] == ["ttft_ms", "waited", "wait_ms", "start_ms", "session_id"]
     assert written == [(1, "", 0), (2, "start", 1)]
     # opened again: nothing left to add, both rows served
     again = swapd({"m1": model()}, store={"path": str(db)})

@@ -21,6 +21,9 @@ from ._model import ObserveSettings, TelemetrySettings
 from ._reader import _Context, _describe, _Reader, open_block
 
 KNOWN_STORE_KEYS = ("path",)
+KNOWN_UI_KEYS = ("activity",)
+KNOWN_UI_ACTIVITY_KEYS = ("session_id",)
+DEFAULT_SESSION_ID_HEADERS = ("X-Session-ID", "X-Litellm-Session-Id")
 KNOWN_PERFORMANCE_KEYS = ("disabled", "every")
 KNOWN_TELEMETRY_KEYS = ("enabled", "endpoint", "serviceName", "headers", "sampleRatio", "exportTimeout")
 DEFAULT_METRICS_MAX_IN_MEMORY = 1000
@@ -90,7 +93,27 @@ def observe_settings(ctx: _Context, document: Mapping[str, Any]) -> ObserveSetti
         performance_disabled=disabled,
         performance_every=every,
         telemetry=_telemetry(ctx, document),
+        session_id_headers=_session_id_headers(ctx, document),
     )
+
+
+def _session_id_headers(ctx: _Context, document: Mapping[str, Any]) -> tuple[str, ...]:
+    """``ui.activity.session_id``: header names, trimmed, blanks and case-insensitive repeats dropped, as llama-swap.
+
+    Absent means llama-swap's default; an empty list turns the lookup off.
+    """
+    ui = open_block(ctx, document.get("ui"), "ui", KNOWN_UI_KEYS)
+    activity = open_block(ctx, ui.mapping.get("activity"), "ui.activity", KNOWN_UI_ACTIVITY_KEYS)
+    if activity.mapping.get("session_id") is None:
+        return DEFAULT_SESSION_ID_HEADERS
+    names: list[str] = []
+    seen: set[str] = set()
+    for raw in activity.str_list("session_id"):
+        name = raw.strip()
+        if name and name.lower() not in seen:
+            seen.add(name.lower())
+            names.append(name)
+    return tuple(names)
 
 
 def _telemetry(ctx: _Context, document: Mapping[str, Any]) -> TelemetrySettings:

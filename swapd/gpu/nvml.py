@@ -84,6 +84,7 @@ class Device:
     temperature_c: float | None = None
     util_percent: float | None = None
     memory_util_percent: float | None = None
+    fan_percent: float | None = None  # None: no fan NVML can read (data-centre GPUs have none)
 
     def process_pids(self) -> set[int]:
         return {p.pid for p in self.processes or ()}
@@ -247,6 +248,38 @@ class Nvml:
         """GPU UUID -> index, for CUDA_VISIBLE_DEVICES=GPU-..."""
         return {uuid: index for index, uuid in enumerate(self._uuids) if uuid}
 
+    def describe(self) -> list[dict[str, Any]]:
+        """What does not change while swapd runs, per GPU (on the NVML thread): for ``GET /api/hardware``.
+
+        ``{"index", "name", "uuid", "pci_bus_id", "total_bytes", "power_limit_w", "compute_capability"}``;
+        a value NVML cannot give is None.
+        """
+        out = []
+        for index, handle in enumerate(self._handles):
+            try:
+                total: int | None = self._memory(handle)[0]
+            except self._nv.NVMLError:
+                total = None
+            pci = self._optional(self._nv.nvmlDeviceGetPciInfo, handle)
+            bus_id = _text(getattr(pci, "busId", None)) if pci is not None else None
+            limit = self._optional(self._nv.nvmlDeviceGetEnforcedPowerLimit, handle)
+            if limit is None:
+                limit = self._optional(self._nv.nvmlDeviceGetPowerManagementLimit, handle)
+            capability = self._optional(self._nv.nvmlDeviceGetCudaComputeCapability, handle)
+            ok = isinstance(capability, tuple) and len(capability) == 2
+            out.append(
+                {
+                    "index": index,
+                    "name": self._names[index],
+                    "uuid": self._uuids[index],
+                    "pci_bus_id": bus_id or None,
+                    "total_bytes": total,
+                    "power_limit_w": None if limit is None else limit / 1000.0,
+                    "compute_capability": f"{capability[0]}.{capability[1]}" if ok else None,
+                }
+            )
+        return out
+
     # -- reading (on the NVML thread only) ------------------------------------
     def read(self, full: bool = False) -> Snapshot:
         """Memory and processes of every GPU; with ``full`` also power and clocks."""
@@ -274,6 +307,8 @@ class Nvml:
                 if util is not None:
                     extra["util_percent"] = float(util.gpu)
                     extra["memory_util_percent"] = float(util.memory)
+                fan = self._optional(self._nv.nvmlDeviceGetFanSpeed, handle)
+                extra["fan_percent"] = None if fan is None else float(fan)
             devices.append(
                 Device(
                     index=index,

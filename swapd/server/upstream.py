@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import select
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
@@ -158,6 +159,7 @@ class _Exchange:
         "prev_piece",
         "last_piece",
         "tap",
+        "received",
     )
 
     def __init__(self, conn: _Connection, no_body: bool, parser: ResponseParser | None) -> None:
@@ -185,6 +187,7 @@ class _Exchange:
         self.prev_piece = b""
         self.last_piece = b""
         self.tap: list[bytes] | None = None
+        self.received = 0  # body bytes so far (the in-flight view reads it)
 
     # -- from the connection -------------------------------------------------------
 
@@ -219,6 +222,7 @@ class _Exchange:
             self.head_waiter.set_result(None)
 
     def body_received(self, data: bytes) -> None:
+        self.received += len(data)
         if not self.first_at:
             self.first_at = time.monotonic()
             self.head_piece = data
@@ -352,6 +356,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._read_view = pool.read_view
         self.closed = False
         self.idle_since = 0.0
+        self.idle_window = IDLE_REUSE_SECONDS  # how long it may wait idle in the pool (timeouts.idleConn)
         self.exchange: _Exchange | None = None
         self._last_parser: ResponseParser | None = None  # llhttp keeps its state across keep-alive responses
         self._poller: select.poll | None = None
@@ -470,6 +475,11 @@ class UpstreamResponse:
         ex = self._exchange
         return ex.first_at, ex.head_piece, b"".join((ex.prev3_piece, ex.prev2_piece, ex.prev_piece, ex.last_piece))
 
+    @property
+    def received(self) -> int:
+        """Body bytes received from the backend so far."""
+        return self._exchange.received
+
     def capture_into(self, pieces: list[bytes]) -> None:
         """Also append every body piece still to come to ``pieces`` (captures)."""
         self._exchange.tap = pieces
@@ -527,6 +537,21 @@ def _split_base(url: str) -> tuple[str, int, str, str]:
     return parts.hostname, port, netloc, target
 
 
+def set_keepalive(sock: socket.socket | None, seconds: float) -> None:
+    """TCP keep-alive probes after ``seconds`` idle, then every ``seconds`` (Go's ``net.Dialer.KeepAlive``)."""
+    if sock is None:
+        return
+    interval = max(1, int(seconds))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, interval)
+        if hasattr(socket, "TCP_KEEPINTVL"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    except OSError:  # a socket that cannot take the option still carries requests
+        pass
+
+
 def _check_header(name: str, value: str) -> None:
     if "\r" in value or "\n" in value or "\0" in value or "\r" in name or "\n" in name or ":" in name:
         raise UpstreamConnectError(f"header {name!r} has characters that cannot be sent")
@@ -540,6 +565,8 @@ class UpstreamPool:
         self.read_view = memoryview(bytearray(READ_SIZE))  # shared by this pool's connections
         self._all: set[_Connection] = set()
         self._closed = False
+        self._sweep: asyncio.TimerHandle | None = None  # closes connections idle past their window
+        self._sweep_at = 0.0
 
     def forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
@@ -552,29 +579,58 @@ class UpstreamPool:
         if self._closed or len(idle) >= MAX_IDLE_PER_ADDRESS:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
+        now = conn.idle_since = time.monotonic()
         idle.append(conn)
+        expires = now + conn.idle_window
+        if self._sweep is None or expires < self._sweep_at:
+            self._arm_sweep(expires)
+
+    def _arm_sweep(self, at: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = at
+        self._sweep = asyncio.get_running_loop().call_later(max(0.0, at - time.monotonic()), self._expire_idle)
+
+    def _expire_idle(self) -> None:
+        """Close the connections idle past their window (``timeouts.idleConn``), as Go's IdleConnTimeout."""
+        self._sweep = None
+        now = time.monotonic()
+        nearest = 0.0
+        for idle in self._idle.values():
+            for conn in list(idle):
+                expires = conn.idle_since + conn.idle_window
+                if expires <= now:
+                    idle.remove(conn)
+                    conn.close()
+                elif not nearest or expires < nearest:
+                    nearest = expires
+        if nearest and not self._closed:
+            self._arm_sweep(nearest)
 
     def _take(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             conn = idle.pop()  # the most recently used: least likely to have timed out
-            if now - conn.idle_since > IDLE_REUSE_SECONDS or not conn.looks_alive():
+            if now - conn.idle_since > conn.idle_window or not conn.looks_alive():
                 conn.close()
                 continue
             return conn
         return None
 
-    async def _connect(self, key: tuple[str, int], connect_timeout: float | None) -> _Connection:
+    async def _connect(
+        self, key: tuple[str, int], connect_timeout: float | None, keepalive: float | None = None
+    ) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(self, key), key[0], key[1])
+                transport, conn = await loop.create_connection(lambda: _Connection(self, key), key[0], key[1])
         except TimeoutError:
             raise
         except OSError as exc:
             raise UpstreamConnectError(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}") from exc
+        if keepalive:
+            set_keepalive(transport.get_extra_info("socket"), keepalive)
         self._all.add(conn)
         return conn
 
@@ -593,12 +649,17 @@ class UpstreamPool:
         *,
         content_length: int | None = None,
         connect_timeout: float | None = None,
+        keepalive: float | None = None,
+        idle_window: float | None = None,
     ) -> UpstreamResponse:
         """Send a request; return once the response's status and headers arrived.
 
         ``body`` is None, bytes, or an async iterator of bytes (streamed with
         ``content_length`` when known, chunked otherwise). The caller bounds
-        the wait for the headers with its own deadline.
+        the wait for the headers with its own deadline. ``keepalive`` turns on
+        TCP keep-alive probes on a new connection (every that many seconds,
+        once idle that long); ``idle_window`` is how long the connection may
+        then wait idle in the pool (None: ``IDLE_REUSE_SECONDS``).
 
         When to send again: only when a pooled connection closed before any
         byte of this request was written to it, so the backend cannot have
@@ -636,7 +697,9 @@ class UpstreamPool:
         while True:
             conn = None if streamed else self._take(key)
             if conn is None:
-                conn = await self._connect(key, connect_timeout)
+                conn = await self._connect(key, connect_timeout, keepalive)
+            if idle_window is not None:
+                conn.idle_window = idle_window
             exchange = conn.begin(no_body)
             try:
                 if conn.closed:
@@ -681,6 +744,9 @@ class UpstreamPool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self._all):
             conn.close()
         self._idle.clear()

@@ -15,9 +15,11 @@ opened is logged as an error and the store runs in memory instead.
 
 The table, its columns and the queries (filters, sort keys, paging, the
 statistics and their histograms) follow llama-swap's ``internal/store``;
-swapd adds four columns after llama-swap's (``ADDED_COLUMNS``: time to first
-token, the start or swap a request waited on and how long), which an older
-file gets when it is opened.
+swapd adds five columns after llama-swap's (``ADDED_COLUMNS``: time to first
+token, the start or swap a request waited on and how long, and the client's
+session id from the ``ui.activity.session_id`` headers, which llama-swap
+shows for requests in flight only), which an older file gets when it is
+opened.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ CREATE TABLE IF NOT EXISTS activity (
     ttft_ms INTEGER NOT NULL DEFAULT -1,
     waited TEXT NOT NULL DEFAULT '',
     wait_ms INTEGER NOT NULL DEFAULT 0,
-    start_ms INTEGER NOT NULL DEFAULT 0
+    start_ms INTEGER NOT NULL DEFAULT 0,
+    session_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS idx_activity_created_id ON activity (ts_created DESC, id DESC);
 CREATE INDEX IF NOT EXISTS idx_activity_model_created_id ON activity (model_id, ts_created DESC, id DESC);
@@ -78,6 +81,7 @@ ADDED_COLUMNS = (
     ("waited", "TEXT NOT NULL DEFAULT ''"),  # "start", "swap" or ""
     ("wait_ms", "INTEGER NOT NULL DEFAULT 0"),  # arrival to the lease, when it waited on a start or swap
     ("start_ms", "INTEGER NOT NULL DEFAULT 0"),  # the model start(s) it waited on (stops not included)
+    ("session_id", "TEXT NOT NULL DEFAULT ''"),  # the ui.activity.session_id header's value ("" when none)
 )
 
 COLUMNS = (
@@ -236,6 +240,7 @@ def row_of(record: RequestRecord) -> tuple:
         waited,
         round(record.queued_s * 1000) if waited else 0,
         round(sum(max(0.0, w.ready - w.stops_done) for w in record.waits) * 1000),
+        record.session_id,
     )
 
 
@@ -265,6 +270,8 @@ def entry_of(row: Sequence[Any], has_capture: bool = False) -> dict[str, Any]:
         "wait_ms": row[18],
         "start_ms": row[19],
     }
+    if row[20]:
+        entry["session_id"] = row[20]
     if row[14]:
         entry["error_msg"] = row[14]
     if row[15]:

@@ -92,6 +92,7 @@ class RequestRecord:
     capture: Capture | None = None
     body_ends: tuple[bytes, bytes] | None = None  # (first piece, last pieces) until telemetry.usage reads them
     metadata: dict[str, str] = field(default_factory=dict)  # llama-swap's activity metadata
+    session_id: str = ""  # the first ui.activity.session_id header the request carried ("" when none)
 
     @property
     def duration_s(self) -> float:
@@ -127,6 +128,16 @@ _OPERATIONS = {
     "/api/embed": "embeddings",
     "/api/embeddings": "embeddings",
 }
+
+
+def session_id(headers: Mapping[str, str], names: tuple[str, ...]) -> str:
+    """The value of the first of ``names`` (``ui.activity.session_id``) that ``headers`` carry, as llama-swap's UI
+    picks it; "" when none does."""
+    for name in names:
+        value = headers.get(name, "")
+        if value:
+            return value[:200]
+    return ""
 
 
 def operation_for(path: str) -> str:
