@@ -17,7 +17,16 @@ Endpoints:
   GET  /x/fds                  {"fds": {"0": "/dev/null", "3": "socket:[...]", ...}}: this process's open fds
   GET  /x/stats                stream / request counters
   GET  /x/last                 the last JSON request: {"path": ..., "body": ...} (bodies up to 1 MiB)
-  anything else                404 {"error": {"message": ..., "type": "not_found"}}
+  GET|POST /v1/audio/voices    {"voices": [...], "model": ..., "x_method": ..., "x_path": ...} (model from the
+                               query, or from the JSON body of a POST)
+  GET  /ws                     a websocket (subprotocols echo.v2, echo.v1; permessage-deflate if offered):
+                               text and binary messages are echoed; pings are answered with the same payload;
+                               a pong is reported as the text "pong:<payload>"; the text commands
+                               "x_push N" (N server-initiated texts "push i"), "x_ping" (a ping "from-backend"),
+                               "x_info" (JSON: protocol, compress, request headers) and "x_close CODE" (close
+                               with CODE, reason "bye"); ?push=N sends N texts right after the handshake;
+                               ?refuse=STATUS answers STATUS with a JSON error instead of upgrading
+  anything else                404 {"error": {"message": ..., "type": "not_found"}, "x_raw_path": ...}
 
 Extra request-body fields: "x_sleep" (seconds to sleep before answering),
 "x_echo" (non-streaming: content is the raw body length, plus "x_body_bytes" and
@@ -44,7 +53,7 @@ import time
 import uuid
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, WSMsgType, web
 
 # Large enough for a 200 MB (and more) request body.
 CLIENT_MAX_SIZE = 1024 * 1024 * 1024
@@ -104,7 +113,10 @@ class FakeBackend:
             "requests": 0,
             "in_flight": 0,
             "connections": 0,  # distinct client connections seen (keep-alive reuse shows here)
+            "ws_open": 0,  # websockets open now
+            "ws_total": 0,
         }
+        self.ws_close_codes: list[int | None] = []  # each ended websocket's close code (in /x/stats)
         self._peers: set = set()
         self.last: dict[str, Any] = {}
 
@@ -130,8 +142,20 @@ class FakeBackend:
         r.add_get("/x/fds", self.x_fds)
         r.add_get("/x/stats", self.x_stats)
         r.add_get("/x/last", self.x_last)
+        r.add_route("*", "/v1/audio/voices", self.voices)
+        r.add_get("/ws", self.websocket)
         r.add_route("*", "/{tail:.*}", self.not_found)
+        if self.args.cors_echo:
+            app.on_response_prepare.append(self._cors_echo)
         return app
+
+    @staticmethod
+    async def _cors_echo(request: web.Request, response: web.StreamResponse) -> None:
+        """llama-server's CORS headers on every answer: the Origin echoed (empty when none was sent)."""
+        response.headers["Access-Control-Allow-Origin"] = request.headers.get("Origin", "")
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST"
+        response.headers["Access-Control-Allow-Headers"] = "*"
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -479,10 +503,65 @@ class FakeBackend:
     async def x_stats(self, request: web.Request) -> web.Response:
         s = dict(self.stats)
         s["in_flight"] -= 1  # don't count this /x/stats request itself
-        return _json(s)
+        return _json({**s, "ws_close_codes": self.ws_close_codes})
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        refuse = request.query.get("refuse")
+        if refuse:
+            response = _error(f"websocket refused with {refuse}", int(refuse), "refused")
+            response.headers["X-Refused"] = "yes"
+            return response
+        ws = web.WebSocketResponse(protocols=("echo.v2", "echo.v1"), autoping=False, compress=True, max_msg_size=0)
+        await ws.prepare(request)
+        stats = self.stats
+        stats["ws_open"] += 1
+        stats["ws_total"] += 1
+        try:
+            for i in range(int(request.query.get("push", "0"))):
+                await ws.send_str(f"push {i}")
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    text = msg.data
+                    if text.startswith("x_close "):
+                        await ws.close(code=int(text.split()[1]), message=b"bye")
+                        break
+                    if text.startswith("x_push "):
+                        for i in range(int(text.split()[1])):
+                            await ws.send_str(f"push {i}")
+                    elif text == "x_ping":
+                        await ws.ping(b"from-backend")
+                    elif text == "x_info":
+                        info = {"protocol": ws.ws_protocol, "compress": ws.compress, "headers": dict(request.headers)}
+                        await ws.send_str(_dumps(info))
+                    else:
+                        await ws.send_str(text)
+                elif msg.type == WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data)
+                elif msg.type == WSMsgType.PING:
+                    await ws.pong(msg.data)
+                elif msg.type == WSMsgType.PONG:
+                    await ws.send_str("pong:" + msg.data.decode("utf-8", "replace"))
+        finally:
+            stats["ws_open"] -= 1
+            self.ws_close_codes.append(ws.close_code)
+        return ws
+
+    async def voices(self, request: web.Request) -> web.Response:
+        """A TTS server's voice list (as kokoro-fastapi and speaches answer it), saying how it was asked."""
+        model = request.query.get("model")
+        if request.method == "POST":
+            got = await self._read_body(request)
+            if isinstance(got, web.Response):
+                return got
+            model = got[1].get("model", model)
+        return _json(
+            {"voices": ["alloy", "echo"], "model": model, "x_method": request.method, "x_path": request.path_qs}
+        )
 
     async def not_found(self, request: web.Request) -> web.Response:
-        return _error(f"no route for {request.method} {request.path}", 404, "not_found")
+        error = {"message": f"no route for {request.method} {request.path}", "type": "not_found"}
+        # x_raw_path: the target as it came, still percent-encoded
+        return _json({"error": error, "x_raw_path": request.raw_path}, status=404)
 
 
 # -- process-level behaviours ---------------------------------------------------
@@ -542,6 +621,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vram-grow-mib", type=int, default=0, help="claim this much more VRAM after --vram-grow-after")
     p.add_argument("--vram-grow-after", type=float, default=1.0, help="seconds after listening (see --vram-grow-mib)")
     p.add_argument("--quiet", action="store_true", help="don't log each request")
+    p.add_argument(
+        "--cors-echo", action="store_true", help="send llama-server's CORS headers (Origin echoed) on every answer"
+    )
     p.add_argument(
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes, like llama-server"
     )

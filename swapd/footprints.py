@@ -252,7 +252,8 @@ class FootprintBook:
         return Footprint("unknown", self.devices(model), {}, "never measured, and no GGUF to estimate from")
 
     def all(self, config: Config) -> dict[str, Footprint]:
-        return {m: self.footprint(mc) for m, mc in config.models.items()}
+        # a remote model (proxy, no cmd) runs elsewhere: it holds none of this machine's memory
+        return {m: self.footprint(mc) for m, mc in config.models.items() if not mc.remote}
 
     # -- learning ------------------------------------------------------------------
     def set_device_uuids(self, uuids: Mapping[str, int]) -> None:

@@ -316,9 +316,19 @@ def test_command_words_are_never_shell_expanded():
     ['cmd: ""', "cmd: |\n      # only a comment\n      # and another", "name: no command"],
     ids=["empty", "only-comments", "missing"],
 )
-def test_empty_or_missing_cmd_is_an_error(cmd_yaml):
-    text = "models:\n  m:\n    proxy: http://localhost:8080\n    " + cmd_yaml + "\n"
-    err = load_error(text)
+def test_empty_or_missing_cmd_with_a_proxy_is_a_remote_model(cmd_yaml):
+    """As llama-swap loads it (cmd defaults to empty); swapd serves it as a remote model (issue 18)."""
+    cfg = load_config_text("models:\n  m:\n    proxy: http://localhost:8080\n    " + cmd_yaml + "\n", "config.yaml")
+    assert cfg.models["m"].remote and cfg.models["m"].cmd == ()
+
+
+@pytest.mark.parametrize(
+    "cmd_yaml",
+    ['cmd: ""', "cmd: |\n      # only a comment\n      # and another", "name: no command"],
+    ids=["empty", "only-comments", "missing"],
+)
+def test_empty_or_missing_cmd_without_a_proxy_is_an_error(cmd_yaml):
+    err = load_error("models:\n  m:\n    " + cmd_yaml + "\n")
     assert (err.model, err.key) == ("m", "cmd")
 
 
@@ -1354,11 +1364,11 @@ def test_unknown_keys_warn_with_a_suggestion():
     assert cfg.global_ttl == 0  # the misspelt key really is ignored
 
 
-def test_not_implemented_keys_each_warn_once():
+def test_formerly_ignored_keys_load_without_a_warning():
+    # profiles, selectors (tests/test_profiles.py, tests/test_selectors.py) and ui were once accepted and ignored
     names = ["profiles", "selectors", "ui"]
     cfg = load("\n".join(f"{name}: {{}}" for name in names) + "\n")
-    expected = [f"key '{n}' is accepted but not implemented by swapd yet; it is ignored" for n in names]
-    assert list(cfg.warnings) == expected
+    assert list(cfg.warnings) == []
 
 
 def test_observe_keys_are_read():
@@ -1486,7 +1496,7 @@ def _fixture_text() -> str:
 
 
 def _fixture_llama_swap_would_run(text: str) -> str:
-    """Patch the three spots where the example names things llama-swap itself would reject."""
+    """Patch the spots where the example names things llama-swap itself would reject."""
     text = text.replace(
         "    unlisted: true\n    cmd: some-upstream-server\n",
         "    unlisted: true\n    cmd: some-upstream-server\n    proxy: http://127.0.0.1:9000\n",
@@ -1495,6 +1505,10 @@ def _fixture_llama_swap_would_run(text: str) -> str:
     for member in ("gpt-oss-120b", "docker-llama", "unlisted-model"):
         text = text.replace('"__MEMBER__"', f'"{member}"', 1)
     text = re.sub(r"(\n {8}priority:\n)(?: {10}\w+: \d+\n)+", r"\1          gpt-oss-120b: 10\n", text)
+    # selector targets and a profile pin naming models the example never defines
+    text = text.replace('      - "qwen-unlisted"\n', '      - "unlisted-model"\n')
+    text = text.replace('"llm-plan": "qwen-unlisted"', '"llm-plan": "unlisted-model"')
+    text = text.replace('      - "modelA"\n      - "modelB"\n', '      - "llama-swap-peer/model_a"\n')
     return text
 
 
@@ -1551,7 +1565,7 @@ def test_fixture_loads_and_lists_its_models(tmp_path):
     assert cfg.raw["peers"]["openrouter"]["apiKey"] == "sk-or-secret"
     assert not [w for w in cfg.warnings if "unknown key" in w]
     assert sorted(w.split("'")[1] for w in cfg.warnings) == sorted(
-        ["ui", "profiles", "selectors", "hooks.on_startup.preload"]  # it preloads 'llama', which the example never defines
+        ["hooks.on_startup.preload"]  # it preloads 'llama', a selector: preload takes models
     )
     assert cfg.preload == ()
     assert cfg.peers["openrouter"].api_key == "sk-or-secret"
@@ -1607,3 +1621,11 @@ def test_vram_check_errors_name_the_key(text, key, fragment):
     assert err.key == key and err.model is None
     assert fragment in str(err)
     assert str(err).startswith(f"config.yaml: key '{key}': ")
+
+
+def test_warnings_from_late_blocks_are_kept():
+    """Unknown keys under blocks read last (performance, ollama) still warn (their warnings were once lost)."""
+    cfg = load_config_text(
+        "performance:\n  evry: 5s\nollama:\n  lisen: 1\nmodels:\n  m:\n    cmd: srv --port ${PORT}\n", "config.yaml"
+    )
+    assert any("evry" in w for w in cfg.warnings) and any("lisen" in w for w in cfg.warnings)

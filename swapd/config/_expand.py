@@ -189,6 +189,16 @@ def _expand(
             if isinstance(prepared.get(field_name), str):
                 prepared[field_name] = strip_comment_lines(prepared[field_name])
         if prepared.get("proxy") is None:
+            cmd_text = prepared.get("cmd")
+            if cmd_text is None or (isinstance(cmd_text, str) and not cmd_text.strip()):
+                # With a proxy and no cmd a model is remote (already running elsewhere); with neither
+                # there is nothing to start and nowhere to send requests.
+                ctx.fail(
+                    "is required: the command that starts the model's server (or set proxy to the address "
+                    "of a server that is already running, for a remote model)",
+                    model_id,
+                    "cmd",
+                )
             prepared["proxy"] = DEFAULT_PROXY
             defaulted_proxy.add(model_id)
         models[model_id] = prepared

@@ -46,8 +46,13 @@ def _build_matrix(ctx: _Context, node: Any, key: str, model_ids: list[str]) -> A
 
 
 def _build_groups(
-    ctx: _Context, expanded: dict[str, Any], model_ids: list[str], aliases: Mapping[str, str]
+    ctx: _Context,
+    expanded: dict[str, Any],
+    model_ids: list[str],
+    aliases: Mapping[str, str],
+    remote: frozenset[str] = frozenset(),
 ) -> _Routing:
+    """Groups and routers over the models swapd starts; ``remote`` models (proxy, no cmd) take no part."""
     top = _Reader(ctx, expanded)
     routing = top.mapping_of("routing")
     routing_reader = _Reader(ctx, routing, prefix="routing.")
@@ -117,12 +122,19 @@ def _build_groups(
             if group_key not in KNOWN_GROUP_KEYS:
                 ctx.warn(f"group '{group_id}': {_unknown_key_message(group_key, KNOWN_GROUP_KEYS)}")
         reader = _Reader(ctx, group, prefix=key + ".")
+        members = reader.str_list("members")
+        for member in members:
+            if member in remote:
+                ctx.warn(
+                    f"key '{key}.members': '{member}' is a remote model (proxy, no cmd): it is never started "
+                    "or stopped, so groups ignore it"
+                )
         groups[group_id] = GroupConfig(
             id=group_id,
             swap=reader.bool("swap", True),
             exclusive=reader.bool("exclusive", True),
             persistent=reader.bool("persistent", False),
-            members=tuple(reader.str_list("members")),
+            members=tuple(m for m in members if m not in remote),
         )
 
     grouped = {member for group in groups.values() for member in group.members}

@@ -57,6 +57,7 @@ KNOWN_TOP_LEVEL_KEYS = (
     "apiKeys",
     "peers",
     "upstream",
+    "security",
     # swapd's own keys
     "vramCheck",
     "vramCheckTimeout",
@@ -66,16 +67,23 @@ KNOWN_TOP_LEVEL_KEYS = (
     "modelsDir",
     "ollama",
 )
+KNOWN_SECURITY_KEYS = ("cors",)
+KNOWN_CORS_KEYS = (
+    "allowedOrigins",
+    "allowCredentials",
+    "allowPrivateNetwork",
+    "allowedMethods",
+    "allowedHeaders",
+    "exposedHeaders",
+    "maxAge",
+)
+KNOWN_COMPAT_KEYS = ("ignoreWebsockets",)
 KNOWN_CLIENT_LIMIT_KEYS = ("maxBodyMB", "headerTimeout", "bodyIdleTimeout", "keepaliveTimeout", "maxBodyBytesInFlight")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
 
 # Accepted, but swapd does not act on them (yet).
-NOT_IMPLEMENTED_KEYS = (
-    "profiles",
-    "selectors",
-    "ui",
-)
+NOT_IMPLEMENTED_KEYS: tuple[str, ...] = ()
 
 KNOWN_MODEL_KEYS = (
     "cmd",
@@ -100,6 +108,7 @@ KNOWN_MODEL_KEYS = (
     "capabilities",
     "healthCheckTimeout",
     "apiKey",  # swapd addition: the backend's own key, sent instead of the client's credential
+    "headers",  # swapd addition: headers added to every request to the model
     "vram",  # swapd addition: the declared VRAM footprint (the vram router)
 )
 

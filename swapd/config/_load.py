@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from ._choices import build_profiles, build_selectors
+from ._cors import parse_cors
 from ._errors import ConfigError
 from ._expand import _expand, _parse_document
 from ._groups import _build_groups, _check_scheduler, _fifo_priority
@@ -35,7 +37,7 @@ from ._keys import (
     VRAM_CHECK_MODES,
 )
 from ._model import ClientLimits, Config, ModelConfig, ModelsDir, PeerConfig
-from ._models import _build_filters, _build_model, _check_url, _collect_aliases
+from ._models import PEER_TIMEOUT_DEFAULTS, _build_filters, _build_model, _check_url, _collect_aliases, build_timeouts
 from ._observe import observe_settings
 from ._reader import _Context, _describe, _Reader, _unknown_key_message, open_block
 from ._vram import vram_router
@@ -107,6 +109,9 @@ def _build_peers(ctx: _Context, reader: _Reader) -> dict[str, PeerConfig]:
             api_key=preader.str("apiKey", ""),
             models=tuple(preader.str_list("models")),
             filters=_build_filters(ctx, preader, None, key + "."),
+            timeouts=build_timeouts(
+                ctx, preader.mapping_of("timeouts"), None, key + ".timeouts.", PEER_TIMEOUT_DEFAULTS
+            ),
         )
     return peers
 
@@ -221,10 +226,13 @@ def _build(
             global_send_loading_state=send_loading_state,
         )
 
-    routing = _build_groups(ctx, expanded, list(raw_models), aliases)
+    remote = frozenset(m for m, mc in models.items() if mc.remote)
+    routing = _build_groups(ctx, expanded, [m for m in raw_models if m not in remote], aliases, remote)
     vram_router_settings = vram_router(ctx, expanded, raw_models, aliases)
     _check_scheduler(ctx, expanded, raw_models, aliases)
     peers = _build_peers(ctx, top)
+    selectors = build_selectors(ctx, expanded, models, aliases, peers, routing.groups, routing.router, routing.matrix)
+    profiles = build_profiles(ctx, expanded, models, aliases, peers, selectors)
     priority = _fifo_priority(expanded, aliases, models)
     hooks = _Reader(ctx, top.mapping_of("hooks"), prefix="hooks.")
     on_startup = _Reader(ctx, hooks.mapping_of("on_startup"), prefix="hooks.on_startup.")
@@ -236,9 +244,16 @@ def _build(
             if name:
                 ctx.warn(f"key 'hooks.on_startup.preload': unknown model '{name}'; ignored")
             continue
+        if real in remote:
+            ctx.warn(f"key 'hooks.on_startup.preload': '{name}' is a remote model (proxy, no cmd); nothing to load")
+            continue
         if real not in preload:
             preload.append(real)
 
+    cors = parse_cors(ctx, expanded)  # before warnings are collected below
+    # read before Config(...) so their warnings are in ctx.warnings when it is taken
+    observe = observe_settings(ctx, expanded)
+    ollama_listen = _ollama_listen(ctx, expanded)
     return Config(
         path=path,
         health_check_timeout=float(health_check_timeout),
@@ -255,6 +270,7 @@ def _build(
         upstream_ignore_paths=_upstream_ignore_paths(ctx, top),
         api_keys=tuple(top.str_list("apiKeys")),
         allowed_hosts=parse_allowed_hosts(ctx, top),
+        cors=cors,
         peers=MappingProxyType(peers),
         preload=tuple(preload),
         priority=MappingProxyType(priority),
@@ -264,13 +280,15 @@ def _build(
         vram_router=vram_router_settings,
         router=routing.router,
         matrix=routing.matrix,
-        observe=observe_settings(ctx, expanded),
-        ollama_listen=_ollama_listen(ctx, expanded),
+        observe=observe,
+        ollama_listen=ollama_listen,
         models_dir=(
             None
             if found is None
             else ModelsDir(found.path, MappingProxyType({mid: found.found[mid].path for mid in found.entries}))
         ),
+        profiles=MappingProxyType(profiles),
+        selectors=MappingProxyType(selectors),
     )
 
 

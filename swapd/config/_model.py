@@ -29,11 +29,19 @@ class Filters:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Upstream HTTP timeouts in seconds (llama-swap's ``timeouts``); None = no limit."""
+    """Upstream HTTP timeouts in seconds (llama-swap's ``timeouts``); None = no limit (a 0 in the config).
 
-    connect: float | None = None
+    ``idle_conn`` None means swapd's own reuse window for idle keep-alive
+    connections (``upstream.IDLE_REUSE_SECONDS``); ``keepalive`` None sends no
+    TCP keep-alive probes. ``tls_handshake`` bounds the TLS handshake of an
+    ``https://`` upstream (aiohttp times it together with ``connect``).
+    """
+
+    connect: float | None = 30.0
     response_header: float | None = None
     idle_conn: float | None = None
+    keepalive: float | None = None
+    tls_handshake: float | None = 10.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,9 @@ class PeerConfig:
     api_key: str
     models: tuple[str, ...]
     filters: Filters = field(default_factory=Filters)
+    # peers.*.timeouts, with llama-swap's peer defaults (connect 30, keepalive 30, responseHeader 60,
+    # tlsHandshake 10, idleConn 90 seconds) where a key is absent
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,13 @@ class ModelConfig:
     # or per GPU index (pairs); None when not declared (the vram router then measures or estimates)
     vram: float | tuple[tuple[int, float], ...] | None = None
     capabilities: Capabilities = field(default_factory=Capabilities)  # the ``capabilities`` key; empty when absent
+    # swapd addition: a model with ``proxy`` and no ``cmd`` is remote: never started or stopped, always ready
+    remote: bool = False
+    # swapd addition: headers added to every request to this model (``headers``), macros expanded
+    headers: tuple[tuple[str, str], ...] = ()
+    # compat.ignoreWebsockets (llama-swap): a websocket through /upstream takes no lease, so it never starts
+    # or queues the model, counts toward no concurrencyLimit or TTL, and never holds off a swap
+    ignore_websockets: bool = False
 
     def env_value(self, name: str) -> str | None:
         """The last value ``env`` gives ``name``, or None."""
@@ -152,6 +170,31 @@ class ObserveSettings:
     performance_disabled: bool = False
     performance_every: float = 5.0
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    # ui.activity.session_id: the request headers that name a client session, first match wins
+    session_id_headers: tuple[str, ...] = ("X-Session-ID", "X-Litellm-Session-Id")
+
+
+# llama-swap's CORS defaults (internal/config/security.go)
+CORS_DEFAULT_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+CORS_DEFAULT_HEADERS = ("Content-Type", "Authorization", "Accept", "X-Requested-With")
+CORS_DEFAULT_MAX_AGE = 86400
+
+
+@dataclass(frozen=True)
+class CorsSettings:
+    """``security.cors``, as llama-swap reads it (swapd.config._cors); swapd.server.cors applies it.
+
+    The default (no ``allowedOrigins``) is llama-swap's permissive policy: any
+    origin, answered with ``*``.
+    """
+
+    allowed_origins: tuple[str, ...] = ("*",)  # "*" allows any origin; others match case-insensitively
+    allow_credentials: bool = False
+    allow_private_network: bool = False
+    allowed_methods: tuple[str, ...] = CORS_DEFAULT_METHODS
+    allowed_headers: tuple[str, ...] = ()  # empty: echo the preflight's Access-Control-Request-Headers
+    exposed_headers: tuple[str, ...] = ()
+    max_age: int = CORS_DEFAULT_MAX_AGE
 
 
 @dataclass(frozen=True)
@@ -161,6 +204,33 @@ class GroupConfig:
     exclusive: bool
     persistent: bool
     members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """One entry of ``profiles``: while it is active, a request for a pinned name goes to its target."""
+
+    id: str
+    description: str
+    # requested name -> target (a model id, alias, peer model or selector); "" switches the name off (404)
+    pins: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+SELECTOR_STRATEGIES = ("warm", "pin", "spillover")
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    """One entry of ``selectors``: a name that picks one of its targets for each request."""
+
+    id: str
+    strategy: str  # one of SELECTOR_STRATEGIES
+    targets: tuple[str, ...]  # model ids, aliases or peer models, as configured (never another selector)
+    spillover: int = 1  # settings.spillover: requests per target before the next one starts
+    name: str = ""
+    description: str = ""
+    unlisted: bool = False
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -190,6 +260,7 @@ class Config:
     upstream_ignore_paths: tuple[Any, ...] = ()
     api_keys: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # allowedHosts, normalised (swapd.config._hosts)
+    cors: CorsSettings = field(default_factory=CorsSettings)  # security.cors (swapd.config._cors)
     peers: Mapping[str, PeerConfig] = field(default_factory=dict)
     preload: tuple[str, ...] = ()
     priority: Mapping[str, int] = field(default_factory=dict)
@@ -209,6 +280,9 @@ class Config:
     ollama_listen: str = ""
     # modelsDir (swapd.config._models_dir): the folder whose *.gguf files are models; None when not set
     models_dir: ModelsDir | None = None
+    # profiles (none active at start: the Runtime holds which one is) and selectors, by id
+    profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
+    selectors: Mapping[str, SelectorConfig] = field(default_factory=dict)
 
     def resolve(self, name: str) -> ModelConfig | None:
         """Find a model by id, or failing that by alias."""

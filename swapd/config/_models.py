@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,6 +16,7 @@ from ._keys import (
     DEFAULT_CHECK_ENDPOINT,
     DEFAULT_CONCURRENCY_LIMIT,
     DEFAULT_PROXY,
+    KNOWN_COMPAT_KEYS,
     KNOWN_MODEL_KEYS,
     MODALITIES,
     MODEL_TTL_INHERIT,
@@ -73,18 +75,52 @@ def _build_filters(ctx: _Context, reader: _Reader, owner: str | None, prefix: st
     return Filters(tuple(sorted(strip)), copy.deepcopy(set_params), copy.deepcopy(by_id))
 
 
-def _build_timeouts(ctx: _Context, reader: _Reader, model_id: str) -> Timeouts:
-    treader = _Reader(ctx, reader.mapping_of("timeouts"), model_id, "timeouts.")
+# llama-swap's timeouts keys; expectContinue is validated but has nothing to bound in swapd (it never sends
+# ``Expect: 100-continue`` upstream: docs/compatibility.md)
+TIMEOUT_KEYS = ("connect", "keepalive", "responseHeader", "tlsHandshake", "expectContinue", "idleConn")
+# a model's defaults where a key is absent (None: swapd's own behaviour, see Timeouts)
+MODEL_TIMEOUT_DEFAULTS: dict[str, int | None] = {"connect": 30, "tlsHandshake": 10}
+# a peer's, as llama-swap's PeerConfig sets them
+PEER_TIMEOUT_DEFAULTS: dict[str, int | None] = {
+    "connect": 30,
+    "keepalive": 30,
+    "responseHeader": 60,
+    "tlsHandshake": 10,
+    "idleConn": 90,
+}
+
+
+def build_timeouts(
+    ctx: _Context, mapping: Any, owner: str | None, prefix: str, defaults: dict[str, int | None]
+) -> Timeouts:
+    """``timeouts``: whole seconds, 0 = no limit (as in llama-swap), an absent key takes ``defaults``."""
+    treader = _Reader(ctx, mapping, owner, prefix)
+    for name in treader.mapping:
+        if name not in TIMEOUT_KEYS:
+            where = (f"model '{owner}': " if owner else "") + prefix.rstrip(".") + ": "
+            ctx.warn(where + _unknown_key_message(name, TIMEOUT_KEYS))
 
     def seconds(name: str) -> float | None:
+        if treader.mapping.get(name) is None:
+            default = defaults.get(name)
+            return None if default is None else float(default)
         value = treader.int(name, 0, seconds=True)
         if value < 0:
             treader.fail(name, f"must be >= 0, got {value}")
         return float(value) if value > 0 else None
 
+    seconds("expectContinue")  # validated only
     return Timeouts(
-        connect=seconds("connect"), response_header=seconds("responseHeader"), idle_conn=seconds("idleConn")
+        connect=seconds("connect"),
+        response_header=seconds("responseHeader"),
+        idle_conn=seconds("idleConn"),
+        keepalive=seconds("keepalive"),
+        tls_handshake=seconds("tlsHandshake"),
     )
+
+
+def _build_timeouts(ctx: _Context, reader: _Reader, model_id: str) -> Timeouts:
+    return build_timeouts(ctx, reader.mapping_of("timeouts"), model_id, "timeouts.", MODEL_TIMEOUT_DEFAULTS)
 
 
 def _check_capabilities(ctx: _Context, model_id: str, reader: _Reader) -> Capabilities:
@@ -132,12 +168,11 @@ def _build_model(
 
     reader = _Reader(ctx, model, model_id)
 
-    cmd_text = reader.str("cmd", None)
-    if cmd_text is None:
-        ctx.fail("is required (the command that starts the model's server)", model_id, "cmd")
-    cmd = _argv(ctx, model_id, "cmd", cmd_text)
-    if not cmd:
-        ctx.fail("command is empty", model_id, "cmd")
+    # No cmd (missing, empty, or only comments) makes a remote model: swapd's config loader already refused
+    # a model with neither cmd nor proxy, so this one has a proxy to send its requests to.
+    cmd_text = reader.str("cmd", "")
+    cmd = _argv(ctx, model_id, "cmd", cmd_text) if cmd_text.strip() else []
+    remote = not cmd
 
     stop_text = reader.str("cmdStop", "")
     cmd_stop = _argv(ctx, model_id, "cmdStop", stop_text) if stop_text.strip() else []
@@ -175,7 +210,7 @@ def _build_model(
     metadata = reader.mapping_of("metadata")
     reader.mapping_of("filters")
     reader.mapping_of("timeouts")
-    reader.mapping_of("compat")
+    ignore_websockets = _ignore_websockets(ctx, model_id, reader)
     sls = model.get("sendLoadingState")
     if sls is not None and not isinstance(sls, bool):
         reader.fail("sendLoadingState", f"expected true or false, got {_describe(sls)}")
@@ -200,6 +235,9 @@ def _build_model(
         "concurrency_limit": concurrency,
         "metadata": copy.deepcopy(metadata),
         "api_key": reader.str("apiKey", ""),
+        "remote": remote,
+        "headers": _build_headers(ctx, model_id, reader),
+        "ignore_websockets": ignore_websockets,
     }
     # The declared footprint guides scheduling only: changing it never restarts the model.
     fingerprint = _fingerprint({**fields, "raw": {k: v for k, v in model.items() if k != "vram"}})
@@ -212,6 +250,39 @@ def _build_model(
         timeouts=_build_timeouts(ctx, reader, model_id),
         capabilities=capabilities,
     )
+
+
+def _ignore_websockets(ctx: _Context, model_id: str, reader: _Reader) -> bool:
+    """``compat.ignoreWebsockets``; llama-swap forces it on for ``comfyui_auto``, whatever the config says."""
+    compat = _Reader(ctx, reader.mapping_of("compat"), model_id, prefix="compat.")
+    for name in compat.mapping:
+        if name not in KNOWN_COMPAT_KEYS:
+            ctx.warn(f"model '{model_id}': compat: {_unknown_key_message(name, KNOWN_COMPAT_KEYS)}")
+    value = compat.bool("ignoreWebsockets", False)
+    return True if model_id == COMFYUI_MODEL_ID else value
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# set by swapd itself on every proxied request; a model's headers may not replace them
+_RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer"})
+
+
+def _build_headers(ctx: _Context, model_id: str, reader: _Reader) -> tuple[tuple[str, str], ...]:
+    """``headers``: name -> value, added to every request to the model (macros already expanded)."""
+    out = []
+    for name, value in reader.mapping_of("headers").items():
+        key = f"headers.{name}"
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            ctx.fail(f"{name!r} is not a valid HTTP header name", model_id, key)
+        if name.lower() in _RESERVED_HEADERS:
+            ctx.fail(f"swapd sets {name} itself; it cannot be configured", model_id, key)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            ctx.fail(f"expected a string, got {_describe(value)}", model_id, key)
+        text = str(value)
+        if any(c in text for c in "\r\n\0"):
+            ctx.fail("a header value cannot hold line breaks or NUL", model_id, key)
+        out.append((name, text))
+    return tuple(out)
 
 
 def _collect_aliases(ctx: _Context, models: dict[str, dict[str, Any]]) -> tuple[dict[str, str], dict[str, list[str]]]:

@@ -115,7 +115,7 @@ class VramVerifier:
             self._preparing.cancel()
         self.footprints.forget_stale(self._runtime.config)
         self._preparing = asyncio.get_running_loop().create_task(
-            self._estimate_and_flush(list(self._runtime.config.models.values()))
+            self._estimate_and_flush([mc for mc in self._runtime.config.models.values() if not mc.remote])
         )
 
     async def _estimate_and_flush(self, models: list) -> None:

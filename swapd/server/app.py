@@ -16,7 +16,22 @@ from swapd.config import Config
 from swapd.logging import get_logger
 from swapd.redact import redact_argv, redact_url
 from swapd.scheduler import SchedulerError
-from swapd.server import activity_api, capabilities, gpu_api, metrics_api, observe, ollama, ui
+from swapd.server import (
+    activity_api,
+    capabilities,
+    comfyui,
+    cors,
+    gpu_api,
+    inflight,
+    metrics_api,
+    observe,
+    ollama,
+    perf_api,
+    profiles,
+    selectors,
+    ui,
+    websocket,
+)
 from swapd.server.auth import access_middleware
 from swapd.server.bodies import BodyBudget
 from swapd.server.errors import ClientError, error_response
@@ -53,10 +68,13 @@ JSON_MODEL_ROUTES = (
     "/infill",
     "/completion",
     "/v1/audio/speech",
+    "/v1/audio/voices",
     "/v1/images/generations",
     "/sdapi/v1/txt2img",
     "/sdapi/v1/img2img",
 )
+# audio.cpp's generic task API: JSON with a model, forwarded without the /audioapi prefix (llama-swap's)
+AUDIOAPI_ROUTES = ("/audioapi/v1/tasks/run",)
 # GET endpoints that name the model in the query string.
 QUERY_MODEL_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras", "/props")
 # POST endpoints whose multipart form names the model.
@@ -176,14 +194,18 @@ async def handle_models(request: web.Request) -> web.Response:
         mc = config.models[model_id]
         if mc.unlisted:
             continue
-        state = backends[model_id].state
-        status = "loaded" if state in (State.READY, State.STARTING) else "unloaded"
         fields = capabilities.model_fields(mc, facts.get(model_id))
         meta = {**capabilities.filter_metadata(mc.metadata or {}, fields), "type": "model"}
         if mc.aliases:
             meta["aliases"] = list(mc.aliases)
-        meta["vram_mib"] = usage.get(model_id, {}).get("vram_mib")
-        meta["pids"] = backends[model_id].tracked_pids()
+        if mc.remote:  # runs elsewhere, always ready: a status of its own, and where it is (no credentials)
+            status = "remote"
+            meta["remote"] = redact_url(mc.proxy)
+        else:
+            state = backends[model_id].state
+            status = "loaded" if state in (State.READY, State.STARTING) else "unloaded"
+            meta["vram_mib"] = usage.get(model_id, {}).get("vram_mib")
+            meta["pids"] = backends[model_id].tracked_pids()
         data.append(_model_record(model_id, created, mc.name, mc.description, fields, meta, status))
         if include_aliases:
             for alias in mc.aliases:
@@ -197,12 +219,10 @@ async def handle_models(request: web.Request) -> web.Response:
                     f"{peer.id}/{peer_model}", created, f"{peer.id}: {peer_model}", "", {}, peer_meta, "unloaded"
                 )
             )
+    for entry_id, name, description, meta, status in selectors.listing(request.app[RUNTIME]):
+        data.append(_model_record(entry_id, created, name, description, {}, meta, status))  # selectors, pins
     data.sort(key=lambda r: r["id"])
-    headers = {"Vary": "Origin"}  # the Origin is echoed; caches must key on it
-    origin = request.headers.get("Origin")
-    if origin:
-        headers["Access-Control-Allow-Origin"] = origin
-    return web.json_response({"object": "list", "data": data}, headers=headers)
+    return web.json_response({"object": "list", "data": data})  # CORS: swapd.server.cors, as on every answer
 
 
 def _model_record(
@@ -381,14 +401,16 @@ def create_app(config: Config) -> web.Application:
     app.on_shutdown.append(begin_shutdown)
 
     r = app.router
-    for path in JSON_MODEL_ROUTES:
+    json_paths = list(JSON_MODEL_ROUTES)
+    json_paths += ["/v" + path[3:] for path in JSON_MODEL_ROUTES if path.startswith("/v1/")]  # versionless aliases
+    json_paths += AUDIOAPI_ROUTES
+    for path in json_paths:
         r.add_post(path, handle_json_model)
-        if path.startswith("/v1/"):
-            r.add_post("/v" + path[3:], handle_json_model)  # llama-swap's versionless /v/... aliases
     for path in QUERY_MODEL_ROUTES:
         r.add_get(path, handle_query_model)
     for path in MULTIPART_MODEL_ROUTES:
         r.add_post(path, handle_multipart_model)
+    inflight.install(app, post_paths=[*json_paths, *MULTIPART_MODEL_ROUTES], get_paths=QUERY_MODEL_ROUTES)
     r.add_route("*", "/upstream/{tail:.+}", handle_upstream)
     r.add_get("/health", handle_health)
     r.add_get("/wol-health", handle_health)
@@ -407,8 +429,13 @@ def create_app(config: Config) -> web.Application:
     activity_api.install(app)
     gpu_api.install(app)
     metrics_api.install(app)
+    perf_api.install(app)
     ui.install(app)
+    cors.install(app)
+    websocket.install(app)
     ollama.install(app)
+    profiles.install(app)
+    comfyui.install(app)
     app.cleanup_ctx.append(_tracing)
     r.add_route("*", "/{tail:.*}", handle_not_found)
     return app

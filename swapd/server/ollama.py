@@ -47,7 +47,16 @@ from swapd.server.dialects import OLLAMA_PORTS
 from swapd.server.errors import ClientError
 from swapd.server.keys import RUNTIME
 from swapd.server.relay import UpstreamError, keep_body_ends, open_upstream
-from swapd.server.routing import begin_record, lease_model, lookup_model, own_key_headers, rewrite_body, trace_headers
+from swapd.server.routing import (
+    begin_record,
+    lease_model,
+    model_headers,
+    own_key_headers,
+    remote_url,
+    resolve,
+    rewrite_body,
+    trace_headers,
+)
 from swapd.server.upstream import UpstreamFault
 
 log = get_logger("swapd.ollama")
@@ -463,10 +472,11 @@ def _target(request: web.Request, data: dict[str, Any], key: str = "model") -> M
     if not isinstance(name, str) or not name:
         raise ClientError(400, "model is required")
     data["model"] = name
-    config = request.app[RUNTIME].config
     try:
-        return lookup_model(config, name)
-    except ClientError:
+        return resolve(request, name)[1]  # the active profile's pin and a selector apply first
+    except ClientError as exc:
+        if exc.status != 404:
+            raise
         raise ClientError(404, f"model '{name}' not found", "model_not_found") from None
 
 
@@ -499,14 +509,17 @@ async def exchange(
     rt = request.app[RUNTIME]
     t0 = time.monotonic()
     requested = body.get("model", "")
+    name = request.get("swapd.model_name", requested)  # after a pin or a selector (routing.resolve)
+    if name != requested:
+        body["model"] = name
     lease = None
     if isinstance(target, ModelConfig):
         model_id = label = target.id
-        rewrite_body(body, requested, target.use_model_name, target.filters)
+        rewrite_body(body, name, target.use_model_name, target.filters)
     else:
         peer, model_name = target
         model_id, label = f"{peer.id}/{model_name}", f"{peer.id} (peer)"
-        rewrite_body(body, requested, model_name if model_name != requested else "", peer.filters)
+        rewrite_body(body, name, model_name if model_name != name else "", peer.filters)
     payload = json.dumps(body).encode()
     record = begin_record(
         request, rt, model_id, requested, payload, t0, "" if isinstance(target, ModelConfig) else target[0].id
@@ -515,11 +528,13 @@ async def exchange(
         record.client_stream = stream
     status, outcome = 502, "client_disconnected"
     try:
-        if isinstance(target, ModelConfig):
+        if isinstance(target, ModelConfig) and target.remote:  # always ready, elsewhere: no lease
+            url, timeouts, extra = remote_url(target.proxy, path), target.timeouts, model_headers(target)
+        elif isinstance(target, ModelConfig):
             lease = await lease_model(rt, target.id, record, t0)
             backend = lease.backend.model
             url, timeouts = backend.proxy.rstrip("/") + path, backend.timeouts
-            extra = own_key_headers(backend.api_key)
+            extra = model_headers(backend)
         else:
             peer = target[0]
             url, timeouts, extra = peer.proxy + path, None, own_key_headers(peer.api_key)
@@ -681,8 +696,8 @@ async def _load_only(request, target, data, kind: str, keep_alive: float | None)
     rt = request.app[RUNTIME]
     name = data["model"]
     t0 = time.monotonic()
-    if not isinstance(target, ModelConfig):
-        reason = "load"
+    if not isinstance(target, ModelConfig) or target.remote:
+        reason = "load"  # a peer's or remote model's loading is not swapd's to do
     elif keep_alive == 0:
         await rt.scheduler.unload([target.id])
         reason = "unload"

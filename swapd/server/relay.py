@@ -21,6 +21,7 @@ from yarl import URL
 
 from swapd.config import Timeouts
 from swapd.server.client_sink import client_sink
+from swapd.server.cors import RESPONSE_HEADERS as CORS_HEADERS
 from swapd.server.upstream import (
     ClientGone,
     UpstreamBroken,
@@ -51,7 +52,11 @@ _HOP_BY_HOP = frozenset(
         "Expect",  # aiohttp already answered 100-continue to the client
     )
 )
-_RESPONSE_DROP = frozenset(h.lower() for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Trailer", "Upgrade"))
+# A backend's own CORS headers go too: swapd's policy (swapd.server.cors) is the only source, so a client
+# never gets two Access-Control-Allow-Origin lines (llama-swap #85, #1133). Same set lookup, no extra cost.
+_RESPONSE_DROP = frozenset(
+    (*(h.lower() for h in ("Connection", "Keep-Alive", "Transfer-Encoding", "Trailer", "Upgrade")), *CORS_HEADERS)
+)
 
 # A whole answer (declared length, not an event stream) up to this size is read
 # and sent as one web.Response: status line, headers and body in one write.
@@ -96,19 +101,22 @@ def forward_headers(request: web.Request, drop: frozenset[str] = frozenset()) ->
 class _AiohttpUpstream:
     """An aiohttp response behind the same interface as upstream.UpstreamResponse (https backends and peers)."""
 
-    __slots__ = ("_resp", "status", "reason", "headers")
+    __slots__ = ("_resp", "status", "reason", "headers", "received")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
         self.status = resp.status
         self.reason = resp.reason or ""
         self.headers = resp.headers
+        self.received = 0  # body bytes so far (the in-flight view reads it)
 
     async def read_chunk(self) -> bytes:
         try:
-            return await self._resp.content.readany()
+            chunk = await self._resp.content.readany()
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             raise UpstreamBroken(str(exc)) from exc
+        self.received += len(chunk)
+        return chunk
 
     read = UpstreamResponse.read
 
@@ -127,15 +135,26 @@ async def _open(
     body,
     headers: CIMultiDict,
     content_length: int | None,
-    connect_timeout: float | None,
+    timeouts: Timeouts | None,
 ):
+    connect_timeout = timeouts.connect if timeouts is not None else DEFAULT_CONNECT_TIMEOUT  # None: no limit
     if url.startswith("http://"):
         return await rt_pool.request(
-            method, url, headers, body, content_length=content_length, connect_timeout=connect_timeout
+            method,
+            url,
+            headers,
+            body,
+            content_length=content_length,
+            connect_timeout=connect_timeout,
+            keepalive=timeouts.keepalive if timeouts is not None else None,
+            idle_window=timeouts.idle_conn if timeouts is not None else None,
         )
     if content_length is not None:
         headers["Content-Length"] = str(content_length)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout) if connect_timeout else None
+    # aiohttp times the TCP connect and the TLS handshake as one step (sock_connect): both limits together bound it
+    tls = timeouts.tls_handshake if timeouts is not None and timeouts.tls_handshake else 0.0
+    sock_connect = connect_timeout + tls if connect_timeout is not None else None
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=sock_connect)
     # encoded=True: the path and query go out exactly as the client sent them
     resp = await session.request(
         method, URL(url, encoded=True), data=body, headers=headers, allow_redirects=False, timeout=timeout
@@ -160,13 +179,12 @@ async def open_upstream(
     Returns an ``UpstreamResponse`` (``http://``) or the same interface over
     aiohttp (``https://``); the caller reads its body and releases or closes it.
     """
-    connect_timeout = timeouts.connect if timeouts is not None and timeouts.connect else DEFAULT_CONNECT_TIMEOUT
     header_timeout = timeouts.response_header if timeouts is not None and timeouts.response_header else None
     try:
         if header_timeout is None:
-            return await _open(pool, session, method, url, body, headers, content_length, connect_timeout)
+            return await _open(pool, session, method, url, body, headers, content_length, timeouts)
         async with asyncio.timeout(header_timeout):
-            return await _open(pool, session, method, url, body, headers, content_length, connect_timeout)
+            return await _open(pool, session, method, url, body, headers, content_length, timeouts)
     except TimeoutError as exc:
         raise UpstreamError(504, f"model {model_id}: backend did not answer in time (timeouts)") from exc
     except UpstreamProtocolError as exc:
@@ -191,6 +209,7 @@ async def relay(
     extra_headers: dict[str, str] | None = None,
     drop_headers: frozenset[str] = frozenset(),
     record: RequestRecord | None = None,
+    name_refusals: bool = False,
 ) -> web.StreamResponse:
     """Send ``body`` to ``url`` and stream the backend's response to the client.
 
@@ -207,6 +226,9 @@ async def relay(
     upstream = await open_upstream(
         pool, session, request.method, url, body, headers, model_id, timeouts=timeouts, content_length=content_length
     )
+    request["swapd.upstream"] = upstream  # the in-flight view reads its status, headers and byte count
+    if name_refusals and upstream.status in (401, 403):
+        await _refused_credentials(upstream, model_id, record)
     if prepared is not None:
         request["swapd.status"] = prepared.status
         if record is not None:
@@ -259,6 +281,7 @@ async def relay(
             response.headers["X-Accel-Buffering"] = "no"
             response.headers.setdefault("Cache-Control", "no-cache")
         await response.prepare(request)
+        request["swapd.response"] = response  # headers sent: a cancel (swapd.server.inflight) ends it in-band
         try:
             sink = client_sink(request, response) if isinstance(upstream, UpstreamResponse) and length is None else None
             if sink is not None:
@@ -314,6 +337,28 @@ async def _relay_loop(upstream, response: web.StreamResponse, record: RequestRec
     finally:
         record.first_byte = first
     return first, head, b"".join((p3, p2, prev, last))
+
+
+async def _refused_credentials(upstream, model_id: str, record: RequestRecord | None) -> None:
+    """A remote endpoint refused the credentials: an OpenAI-shaped error with its status, naming the model."""
+    status = upstream.status
+    try:
+        body = await upstream.read()
+    except UpstreamFault:
+        body = b""
+    finally:
+        upstream.close()
+    detail = ""
+    try:
+        doc = json.loads(body)
+        err = doc.get("error") if isinstance(doc, dict) else None
+        detail = str(err.get("message") or "") if isinstance(err, dict) else str(err or "")
+    except (ValueError, UnicodeDecodeError):
+        detail = body[:200].decode("utf-8", "replace").strip()
+    if record is not None:
+        record.status = status
+    message = f"model {model_id}: the remote endpoint refused swapd's credentials ({status})"
+    raise UpstreamError(status, message + (f": {detail}" if detail else ""), "remote_auth_failed")
 
 
 def keep_body_ends(record: RequestRecord, first: float, head: bytes, tail: bytes) -> None:

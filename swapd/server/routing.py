@@ -1,8 +1,10 @@
 """Model-routed handlers: find the model, rewrite the body, get a lease, relay.
 
 The model comes from the JSON body, a multipart form field, the query string
-or an ``/upstream/<model>/`` path. Local models go through the scheduler;
-``peer/model`` names go straight to the remote peer.
+or an ``/upstream/<model>/`` path. The name is resolved in this order: the
+active profile's pin, a selector's pick (swapd.server.selectors), a model id
+or alias, a peer model. Local models go through the scheduler; ``peer/model``
+names go straight to the remote peer.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import difflib
 import json
 import re
 import time
+from contextlib import nullcontext
 from urllib.parse import quote, unquote
 
 from aiohttp import web
@@ -21,12 +24,14 @@ from swapd.backend import StartError, State
 from swapd.config import Config, Filters, ModelConfig, PeerConfig
 from swapd.logging import get_logger
 from swapd.scheduler import Lease, SchedulerError
+from swapd.server import profiles, selectors, websocket
 from swapd.server.bodies import TopLevelScanner
 from swapd.server.errors import ClientError
+from swapd.server.inflight import tracked
 from swapd.server.keys import BODY_BUDGET, RUNTIME
 from swapd.server.relay import CREDENTIAL_HEADERS, UpstreamError, relay
 from swapd.server.slowclient import check_declared_length, next_chunk, stream_body
-from swapd.telemetry.record import Capture, RequestRecord, Wait, operation_for
+from swapd.telemetry.record import Capture, RequestRecord, Wait, operation_for, session_id
 
 log = get_logger("swapd.server")
 
@@ -47,6 +52,7 @@ def _bad_model(name, config: Config) -> ClientError:
     if len(name) <= 200:
         known = [m for m, mc in config.models.items() if not mc.unlisted]
         known += [a for m in known for a in config.models[m].aliases]
+        known += [sid for sid, sc in config.selectors.items() if not sc.unlisted]
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         if close:
             message += f"; did you mean {close[0]!r}?"
@@ -63,6 +69,22 @@ def lookup_model(config: Config, name) -> ModelConfig | tuple[PeerConfig, str]:
         if peer is not None:
             return peer
     raise _bad_model(name, config)
+
+
+def resolve(request: web.Request, name) -> tuple[str, ModelConfig | tuple[PeerConfig, str]]:
+    """The request's model name after the active profile's pin and a selector's pick, and what it names.
+
+    The name goes on the request (``swapd.model_name``), and a selector's id
+    (``swapd.selector``) for its record; a name the active profile switches
+    off raises 404.
+    """
+    rt = request.app[RUNTIME]
+    if isinstance(name, str) and name:
+        choice = selectors.choose(rt, name)
+        if choice.selector:
+            request["swapd.selector"] = choice.selector
+        name = request["swapd.model_name"] = choice.name
+    return name, lookup_model(rt.config, name)
 
 
 # -- body rewriting ------------------------------------------------------------
@@ -132,8 +154,15 @@ class LoadingStream:
 
     async def start(self) -> None:
         await self.response.prepare(self.request)
+        self.request["swapd.response"] = self.response  # headers sent: a cancel ends it in-band (inflight)
         await self.send(f"swapd loading model: {self.model_id}\n")
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    def abandon(self) -> None:
+        """Stop the progress at once (the request is going away without an answer from the model)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
 
     async def _tick(self) -> None:
         backend = self.rt.backends.get(self.model_id)
@@ -163,6 +192,7 @@ class LoadingStream:
         await self.response.write_eof()
 
 
+@tracked(lambda model, kw: model.id)
 async def forward_local(
     request: web.Request,
     model: ModelConfig,
@@ -173,6 +203,8 @@ async def forward_local(
     content_length: int | None = None,
     requested: str = "",
 ) -> web.StreamResponse:
+    if model.remote:
+        return await forward_remote(request, model, path_qs, body, content_length=content_length, requested=requested)
     rt = request.app[RUNTIME]
     scheduler = rt.scheduler
     t0 = time.monotonic()
@@ -192,11 +224,13 @@ async def forward_local(
             return loader.response
     except BaseException:
         scheduler.abandon(ticket)
+        if loader is not None:
+            loader.abandon()
         raise
     if loader is not None:
         await loader.finish()
     backend_model = lease.backend.model
-    key_headers = own_key_headers(backend_model.api_key)
+    key_headers = model_headers(backend_model)
     if record is not None:
         note_wait(record, lease, t0)
         key_headers = trace_headers(rt, record, key_headers)
@@ -253,6 +287,9 @@ def begin_record(request: web.Request, rt, model_id: str, requested: str, body, 
     )
     record.operation = operation_for(request.path)
     record.client_stream = request.get("swapd.client_stream", False)
+    record.session_id = session_id(request.headers, rt.config.observe.session_id_headers)
+    if "swapd.selector" in request:
+        record.metadata["selector"] = request["swapd.selector"]  # as llama-swap's activity rows show it
     if telemetry.capture_bytes and isinstance(body, (bytes, bytearray)) and len(body) <= telemetry.capture_bytes:
         record.capture = Capture(request.headers, bytes(body))  # the parsed headers are immutable: no copy
     request["swapd.record"] = record
@@ -269,11 +306,68 @@ def trace_headers(rt, record, headers: dict[str, str] | None) -> dict[str, str] 
     return {**(headers or {}), **outgoing}
 
 
+def model_headers(model: ModelConfig) -> dict[str, str] | None:
+    """What swapd adds to every request to ``model``: its ``headers``, then its own ``apiKey`` (which wins)."""
+    if not model.headers and not model.api_key:
+        return None
+    out = dict(model.headers)
+    if model.api_key:
+        out.update(own_key_headers(model.api_key) or {})
+    return out
+
+
+def remote_url(proxy: str, path_qs: str) -> str:
+    """A remote model's URL for a request path: ``proxy`` + path, without a doubled ``/v1``.
+
+    OpenAI-style base URLs end in ``/v1`` (``https://openrouter.ai/api/v1``) while
+    clients send ``/v1/chat/completions``; the second ``/v1`` goes.
+    """
+    base = proxy.rstrip("/")
+    if base.endswith("/v1") and (path_qs == "/v1" or path_qs.startswith(("/v1/", "/v1?"))):
+        path_qs = path_qs[3:]
+    return base + path_qs
+
+
+async def forward_remote(
+    request: web.Request,
+    model: ModelConfig,
+    path_qs: str,
+    body,
+    *,
+    content_length: int | None = None,
+    requested: str = "",
+) -> web.StreamResponse:
+    """A remote model (``proxy``, no ``cmd``): always ready, so no lease, no TTL, no swap; relayed as it is.
+
+    Its ``headers`` and ``apiKey`` go along; the client's own credential is dropped when the model has an
+    ``apiKey`` (and swapd's key never leaves, as everywhere). A refusal of the credentials is named.
+    """
+    rt = request.app[RUNTIME]
+    t0 = time.monotonic()
+    record = begin_record(request, rt, model.id, requested, body, t0)
+    return await _relay_logged(
+        request,
+        remote_url(model.proxy, path_qs),
+        body,
+        f"{model.id} (remote)",
+        t0,
+        {"model": model.id, "remote": True},
+        timeouts=model.timeouts,
+        content_length=content_length,
+        extra_headers=trace_headers(rt, record, model_headers(model)),
+        drop_headers=CREDENTIAL_HEADERS if model.api_key else frozenset(),
+        record=record,
+        name_refusals=True,
+        counted=model.id,
+    )
+
+
 def own_key_headers(api_key: str) -> dict[str, str] | None:
     """A backend's or peer's own key, in both places OpenAI- and Anthropic-style servers look."""
     return {"Authorization": f"Bearer {api_key}", "x-api-key": api_key} if api_key else None
 
 
+@tracked(lambda peer, kw: f"{peer.id}/{kw.get('model_name', '')}")
 async def forward_peer(
     request: web.Request,
     peer: PeerConfig,
@@ -297,17 +391,26 @@ async def forward_peer(
         {"peer": peer.id},
         extra_headers=trace_headers(rt, record, own_key_headers(peer.api_key)),
         drop_headers=CREDENTIAL_HEADERS,
+        timeouts=peer.timeouts,
         content_length=content_length,
         record=record,
+        counted=f"{peer.id}/{model_name}",
     )
 
 
-async def _relay_logged(request: web.Request, url: str, body, label: str, t0: float, fields: dict, **relay_kw):
-    """Relay, then log one ``request`` line with its outcome, however it ended."""
+async def _relay_logged(
+    request: web.Request, url: str, body, label: str, t0: float, fields: dict, *, counted: str = "", **relay_kw
+):
+    """Relay, then log one ``request`` line with its outcome, however it ended.
+
+    ``counted``: a peer or remote model the scheduler does not see; its
+    requests are counted while relayed (selectors.SelectorState, for spillover).
+    """
     outcome = "client_disconnected"
     try:
         rt = request.app[RUNTIME]
-        response = await relay(request, rt.pool, rt.session, url, body, label, **relay_kw)
+        with rt.selector_state.relaying(counted) if counted else nullcontext():
+            response = await relay(request, rt.pool, rt.session, url, body, label, **relay_kw)
         outcome = response.get("swapd.error", "ok")
         return response
     except UpstreamError as exc:
@@ -318,6 +421,8 @@ async def _relay_logged(request: web.Request, url: str, body, label: str, t0: fl
         request["swapd.status"] = exc.status
         raise
     finally:
+        if outcome == "client_disconnected" and "swapd.cancelled" in request:
+            outcome = "cancelled"  # POST /api/inflight/{id}/cancel (swapd.server.inflight)
         request["swapd.logged"] = True
         log.info(
             "request",
@@ -352,7 +457,10 @@ def _parse_object(body: bytes | bytearray) -> dict:
     return data
 
 
-def _needs_rewrite(target: ModelConfig | tuple[PeerConfig, str], requested) -> bool:
+def _needs_rewrite(target: ModelConfig | tuple[PeerConfig, str], requested, name=None) -> bool:
+    """Whether the body must change: ``name`` (resolve's) differs from the ``requested`` one, or the target rewrites."""
+    if name is not None and name != requested:
+        return True
     if isinstance(target, ModelConfig):
         return bool(target.use_model_name or target.filters)
     peer, model_name = target
@@ -360,13 +468,20 @@ def _needs_rewrite(target: ModelConfig | tuple[PeerConfig, str], requested) -> b
 
 
 def _rewrite(data: dict, target: ModelConfig | tuple[PeerConfig, str], requested) -> bytes | None:
-    """The rewritten body, or None when nothing changed."""
+    """The rewritten body, or None when nothing changed.
+
+    ``requested`` is the name after pins and selectors (resolve's): the body
+    carries it from here on, and filters' ``setParamsByID`` look it up.
+    """
+    renamed = isinstance(requested, str) and data.get("model") != requested
+    if renamed:
+        data["model"] = requested
     if isinstance(target, ModelConfig):
         changed = rewrite_body(data, requested, target.use_model_name, target.filters)
     else:
         peer, model_name = target
         changed = rewrite_body(data, requested, model_name if model_name != requested else "", peer.filters)
-    return json.dumps(data).encode() if changed else None
+    return json.dumps(data).encode() if changed or renamed else None
 
 
 async def handle_json_model(request: web.Request) -> web.StreamResponse:
@@ -379,9 +494,9 @@ async def handle_json_model(request: web.Request) -> web.StreamResponse:
         body: bytes | bytearray = content.read_nowait()
         data = _parse_object(body)
         requested = data.get("model")
-        target = lookup_model(rt.config, requested)
-        rewritten = _rewrite(data, target, requested)
-        return await _route_json(request, target, rewritten or body, data.get("stream") is True, data.get("model"))
+        name, target = resolve(request, requested)
+        rewritten = _rewrite(data, target, name)
+        return await _route_json(request, target, rewritten or body, data.get("stream") is True, requested)
     return await _handle_held_body(request)
 
 
@@ -391,7 +506,10 @@ async def _handle_held_body(request: web.Request) -> web.StreamResponse:
     Once ``model`` is known, a model at its concurrencyLimit refuses (429)
     before the rest of the body is read; the body is
     parsed whole only when it is small or a filter must rewrite it, and then
-    off the event loop when it is large.
+    off the event loop when it is large. A selector picks its target only once
+    the whole body is here, just before the request is admitted (past 1 MiB
+    the body is parsed and rewritten in a thread in between, so a spillover
+    pick may not yet see another such request that is also on its way).
     """
     rt = request.app[RUNTIME]
     limits = rt.config.client_limits
@@ -406,6 +524,7 @@ async def _handle_held_body(request: web.Request) -> web.StreamResponse:
     try:
         scanner = TopLevelScanner(("model", "stream"))
         target: ModelConfig | tuple[PeerConfig, str] | None = None
+        name = None
         body = bytearray()
         while chunk := await next_chunk(request, limits.body_idle_timeout):
             body += chunk
@@ -422,13 +541,20 @@ async def _handle_held_body(request: web.Request) -> web.StreamResponse:
             if (large or len(body) > SCAN_FROM) and not scanner.complete(("model", "stream")):
                 scanner.feed(body)
                 if target is None and "model" in scanner.found:
-                    target = lookup_model(rt.config, scanner.found["model"])
-                    if isinstance(target, ModelConfig):
+                    name, target = resolve(request, scanner.found["model"])
+                    if isinstance(target, ModelConfig) and "swapd.selector" not in request:
                         rt.scheduler.check_admission(target.id)  # 429 now, before the rest of the body
         requested = scanner.found.get("model")
         stream = scanner.found.get("stream") is True
+        if target is not None and "swapd.selector" in request:
+            name, target = resolve(request, requested)  # the selector picks now, with nothing left to wait for
         rewritten = None
-        if len(body) <= INLINE_PARSE_LIMIT or target is None or scanner.broken or _needs_rewrite(target, requested):
+        if (
+            len(body) <= INLINE_PARSE_LIMIT
+            or target is None
+            or scanner.broken
+            or _needs_rewrite(target, requested, name)
+        ):
             parse = _parse_object if len(body) <= INLINE_PARSE_LIMIT else _parse_off_loop
             data = await parse(body) if parse is _parse_off_loop else _parse_object(body)
             if target is not None and data.get("model") != requested:
@@ -436,11 +562,11 @@ async def _handle_held_body(request: web.Request) -> web.StreamResponse:
             requested = data.get("model")
             stream = data.get("stream") is True
             if target is None:
-                target = lookup_model(rt.config, requested)
+                name, target = resolve(request, requested)
             if len(body) <= INLINE_PARSE_LIMIT:
-                rewritten = _rewrite(data, target, requested)
+                rewritten = _rewrite(data, target, name)
             else:
-                rewritten = await asyncio.to_thread(_rewrite, data, target, requested)
+                rewritten = await asyncio.to_thread(_rewrite, data, target, name)
         return await _route_json(request, target, rewritten or body, stream, requested)
     finally:
         budget.release(reserved)
@@ -458,6 +584,8 @@ async def _route_json(
     path_qs = request.raw_path
     if path_qs.startswith("/v/"):  # llama-swap's versionless aliases forward without the /v
         path_qs = path_qs[2:]
+    elif path_qs.startswith("/audioapi/"):  # audio.cpp's task API: /audioapi/v1/tasks/run reaches it as /v1/tasks/run
+        path_qs = path_qs[len("/audioapi") :]
     if isinstance(target, ModelConfig):
         loading = target.send_loading_state and stream and request.path in LOADING_PATHS
         return await forward_local(request, target, path_qs, body, loading=loading, requested=requested)
@@ -466,10 +594,13 @@ async def _route_json(
 
 async def handle_query_model(request: web.Request) -> web.StreamResponse:
     requested = request.query.get("model")
-    target = lookup_model(request.app[RUNTIME].config, requested)
+    name, target = resolve(request, requested)
+    path_qs = request.raw_path
+    if name != requested:  # a pin or a selector: the backend gets the name it resolved to, as llama-swap sends it
+        path_qs = str(request.rel_url.update_query(model=name))
     if isinstance(target, ModelConfig):
-        return await forward_local(request, target, request.raw_path, None)
-    return await forward_peer(request, target[0], request.raw_path, None, model_name=target[1])
+        return await forward_local(request, target, path_qs, None)
+    return await forward_peer(request, target[0], path_qs, None, model_name=target[1])
 
 
 _BOUNDARY_RE = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
@@ -547,10 +678,10 @@ async def handle_multipart_model(request: web.Request) -> web.StreamResponse:
     if span is None:
         raise ClientError(400, "the multipart form has no 'model' field", "model_not_found")
     requested = buf[span[0] : span[1]].decode("utf-8", "replace").strip()
-    target = lookup_model(request.app[RUNTIME].config, requested)
+    name, target = resolve(request, requested)
     new_name = None
     if isinstance(target, ModelConfig):
-        new_name = target.use_model_name or None
+        new_name = target.use_model_name or (name if name != requested else None)
     elif target[1] != requested:
         new_name = target[1]
     delta = 0
@@ -570,10 +701,17 @@ async def handle_multipart_model(request: web.Request) -> web.StreamResponse:
 
 
 async def handle_upstream(request: web.Request) -> web.StreamResponse:
-    """/upstream/<model>/<path>: talk to a backend's own endpoints, starting it if needed."""
+    """/upstream/<model>/<path>: talk to a backend's own endpoints, starting it if needed.
+
+    The active profile's pins apply first, by the longest pinned prefix;
+    selectors do not apply here (as in llama-swap).
+    """
     config = request.app[RUNTIME].config
     raw_path = request.raw_path.split("?", 1)[0]
     segments = raw_path[len("/upstream/") :].split("/")
+    pinned = profiles.pin_upstream(request.app[RUNTIME], segments)
+    if pinned is not None:
+        segments = pinned
     found = None
     for i in range(1, len(segments) + 1):
         name = unquote("/".join(segments[:i]))
@@ -587,7 +725,8 @@ async def handle_upstream(request: web.Request) -> web.StreamResponse:
     # become raw bytes in the backend's request line
     raw_query = request.raw_path.partition("?")[2]
     if rest == "/" and not raw_path.endswith("/"):
-        target = "/upstream/" + quote(name, safe="/") + "/"
+        # a pinned name keeps the client's own prefix, so the pin still applies to what follows
+        target = (raw_path if pinned is not None else "/upstream/" + quote(name, safe="/")) + "/"
         if raw_query:
             target += "?" + raw_query
         cls = web.HTTPMovedPermanently if request.method in ("GET", "HEAD") else web.HTTPPermanentRedirect
@@ -602,6 +741,8 @@ async def handle_upstream(request: web.Request) -> web.StreamResponse:
                 409, f"model {model.id} is not loaded; path matches upstream.ignorePaths", "model_not_loaded"
             )
     path_qs = rest + ("?" + raw_query if raw_query else "")
+    if websocket.is_websocket_upgrade(request):
+        return await websocket.relay(request, model, path_qs)  # held (and in flight) until either side closes
     body = None
     if request.can_read_body:
         limits = config.client_limits

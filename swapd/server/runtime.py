@@ -1,4 +1,4 @@
-"""The runtime: the one owner of the config and the ``backends`` table.
+"""The runtime: the one owner of the config, the ``backends`` table and the active profile.
 
 The scheduler and the GPU verifier read both through the
 :class:`swapd.scheduler.RuntimeView` protocol and never keep their own copy;
@@ -19,6 +19,7 @@ from swapd.config import Config, ModelConfig
 from swapd.logging import get_logger
 from swapd.scheduler import Scheduler
 from swapd.server import observe
+from swapd.server.selectors import SelectorState
 from swapd.server.upstream import UpstreamPool
 from swapd.telemetry.hub import Telemetry
 
@@ -50,11 +51,33 @@ class Runtime:
         self._scheduler: Scheduler | None = None
         self.gpu: VramVerifier | None = None  # swapd.gpu's verifier, set by gpu_api.install when the app starts
         self._reload_lock = asyncio.Lock()
+        self._active_profile: str | None = None  # none at start; see set_active_profile
+        self.selector_state = SelectorState()  # peer and remote requests in flight, spillover's turns
 
     # -- what others read (swapd.scheduler.RuntimeView) -------------------------
     @property
     def config(self) -> Config:
         return self._config
+
+    @property
+    def active_profile(self) -> str | None:
+        """The active profile's id (``profiles``), or None: none is active at start."""
+        return self._active_profile
+
+    def set_active_profile(self, name: str | None) -> bool:
+        """Make profile ``name`` the active one (None: none); True if that changed it.
+
+        Raises KeyError for a name the config has no profile for. Event-stream
+        clients get a ``profileChanged`` record.
+        """
+        if name is not None and name not in self._config.profiles:
+            raise KeyError(name)
+        if name == self._active_profile:
+            return False
+        self._active_profile = name
+        config_log.info("profile.active", profile=name)
+        self.events.profile_changed(name)
+        return True
 
     @property
     def backends(self) -> Mapping[str, Backend]:
@@ -98,7 +121,8 @@ class Runtime:
         scheduler = self._scheduler = Scheduler(self)
         scheduler.on_stop.append(self.telemetry.on_stop)
         for mc in self._config.models.values():
-            self._backends[mc.id] = self.new_backend(mc)
+            if not mc.remote:  # a remote model runs elsewhere: nothing to start, stop or schedule
+                self._backends[mc.id] = self.new_backend(mc)
         return scheduler
 
     async def reload(self, new: Config, why: str = "reload") -> dict[str, list[str]]:
@@ -113,6 +137,10 @@ class Runtime:
             for warning in new.warnings:
                 config_log.warning("config.warning", file=new.path, message=warning)
             changes = await self._apply_models(new)
+            if self._active_profile is not None and self._active_profile not in new.profiles:
+                config_log.warning("profile.dropped", profile=self._active_profile, reason="not in the new config")
+                self._active_profile = None  # the profile kept its place only while the config still has it
+                self.events.profile_changed(None)
             if self.gpu is not None:
                 self.gpu.prepare_footprints()  # a changed cmd is measured (or estimated) again
             for warning in observe.apply_log_settings(new, self.log_sink, self.upstream_echo):
@@ -126,14 +154,19 @@ class Runtime:
         removed = [m for m in old.models if m not in new.models]
         changed = [m for m in old.models if m in new.models and old.models[m].fingerprint != new.models[m].fingerprint]
         added = [m for m in new.models if m not in old.models]
-        for model_id in new.models:
-            if model_id in added:
-                self._backends[model_id] = self.new_backend(new.models[model_id])
+        # Only local models have a backend; one that became remote loses its backend like a removed one.
+        gone = [m for m in self._backends if m not in new.models or new.models[m].remote]
+        for model_id, mc in new.models.items():
+            if mc.remote:
+                continue
+            if model_id in self._backends:
+                self._backends[model_id].reconfigure(mc, restart=model_id in changed)
             else:
-                self._backends[model_id].reconfigure(new.models[model_id], restart=model_id in changed)
+                self._backends[model_id] = self.new_backend(mc)
         self._config = new
-        if removed or changed:
-            await self.scheduler.unload(removed + changed, reason="reload")
-        for model_id in removed:
+        stop = gone + [m for m in changed if m in self._backends and m not in gone]
+        if stop:
+            await self.scheduler.unload(stop, reason="reload")
+        for model_id in gone:
             await self._backends.pop(model_id).close()
         return {"added": added, "changed": changed, "removed": removed}

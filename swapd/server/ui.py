@@ -36,6 +36,7 @@ _TYPES = {
     ".mjs": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
     ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
     ".json": "application/json",
     ".txt": "text/plain; charset=utf-8",
 }
@@ -83,8 +84,8 @@ def content_security_policy(index: bytes | None) -> str:
 
 
 def is_ui_path(path: str) -> bool:
-    """The paths that carry no data and need no key: ``/`` (a redirect), ``/ui`` and the files under ``/ui/``."""
-    return path == "/" or path == "/ui" or path.startswith("/ui/")
+    """The paths that carry no data and need no key: ``/`` (a redirect), ``/ui``, the files under ``/ui/``, the icon."""
+    return path == "/" or path == "/ui" or path.startswith("/ui/") or path == "/favicon.ico"
 
 
 UI_ASSETS: web.AppKey[dict[str, Asset]] = web.AppKey("swapd.ui_assets", dict)
@@ -106,6 +107,7 @@ def install(app: web.Application, root: Path = UI_DIR) -> None:
     app.router.add_get("/", handle_redirect)
     app.router.add_get("/ui", handle_redirect)
     app.router.add_get("/ui/{path:.*}", handle_asset)
+    app.router.add_get("/favicon.ico", handle_favicon)
 
 
 async def handle_redirect(request: web.Request) -> web.Response:
@@ -119,9 +121,14 @@ async def handle_redirect(request: web.Request) -> web.Response:
     raise web.HTTPFound(location)
 
 
-async def handle_asset(request: web.Request) -> web.StreamResponse:
+async def handle_favicon(request: web.Request) -> web.StreamResponse:
+    """``/favicon.ico``: the UI's icon, as llama-swap serves its UI build's (browsers ask for it at the root)."""
+    return await handle_asset(request, "favicon.ico")
+
+
+async def handle_asset(request: web.Request, name: str = "") -> web.StreamResponse:
     assets = request.app[UI_ASSETS]
-    name = request.match_info["path"] or "index.html"
+    name = name or request.match_info["path"] or "index.html"
     asset = assets.get(name)
     if asset is None and _CLIENT_ROUTE.fullmatch(name):
         asset = assets.get("index.html")  # a client-side route (/ui/models, as llama-swap's UI has) gets the app

@@ -15,6 +15,7 @@ turns them off.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -192,6 +193,8 @@ class StateCollector(Collector):
         for model_id in scheduler.queued():
             waiting[model_id] = waiting.get(model_id, 0) + 1
         for model_id in sorted(rt.config.models):
+            if rt.config.models[model_id].remote:
+                continue  # no state of its own: it runs elsewhere; its requests are counted as any model's
             backend = rt.backends.get(model_id)
             current = backend.state.value if backend is not None else "stopped"
             for name in STATES:
@@ -247,12 +250,17 @@ class PerfSample:
 
 
 class PerfSampler(Collector):
-    """Samples the system and the GPUs every ``every`` seconds; renders llama-swap's ``llamaswap_*`` gauges."""
+    """Samples the system and the GPUs every ``every`` seconds; renders llama-swap's ``llamaswap_*`` gauges.
+
+    The last hour of samples (``history``, as llama-swap's ring buffers keep)
+    is what ``GET /api/performance`` serves (swapd.server.perf_api).
+    """
 
     def __init__(self, runtime: Any, every: float) -> None:
         self._rt = runtime
         self.every = every
         self.latest: PerfSample | None = None
+        self.history: collections.deque[PerfSample] = collections.deque(maxlen=max(1, int(3600 / every)))
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -276,6 +284,7 @@ class PerfSampler(Collector):
             except Exception as exc:  # a GPU that stops answering costs the GPU gauges, not the sampler
                 log.warning("perf.gpu_read_failed", error=str(exc))
         self.latest = sample
+        self.history.append(sample)
         return sample
 
     @staticmethod

@@ -107,20 +107,45 @@ async function* sseEvents(res) {
 }
 
 // One /api/events connection for the whole page, shared by every view.
+const DEFAULT_UI_CONFIG = { activity: { session_id: ["X-Session-ID", "X-Litellm-Session-Id"] } };
+
 const events = {
-  listeners: { modelStatus: new Set(), activity: new Set(), connected: new Set() },
-  last: { modelStatus: null },
+  listeners: {
+    modelStatus: new Set(),
+    activity: new Set(),
+    connected: new Set(),
+    inflight: new Set(),
+    uiConfig: new Set(),
+  },
+  // inflight: the requests in flight by id, kept from the snapshot, upsert and remove messages
+  last: { modelStatus: null, inflight: new Map(), uiConfig: DEFAULT_UI_CONFIG },
   connected: false,
   controller: null,
   on(kind, fn) {
     this.listeners[kind].add(fn);
     if (kind === "modelStatus" && this.last.modelStatus) fn(this.last.modelStatus);
+    if (kind === "inflight") fn([...this.last.inflight.values()]);
+    if (kind === "uiConfig") fn(this.last.uiConfig);
     if (kind === "connected") fn(this.connected);
     return () => this.listeners[kind].delete(fn);
   },
   emit(kind, value) {
     if (kind === "modelStatus") this.last.modelStatus = value;
+    if (kind === "uiConfig") this.last.uiConfig = value;
     this.listeners[kind].forEach((fn) => fn(value));
+  },
+  applyInflight(update) {
+    const known = this.last.inflight;
+    const seen = performance.now();
+    if (update.operation === "snapshot") {
+      known.clear();
+      for (const r of update.requests || []) known.set(r.id, { ...r, seen });
+    } else if (update.operation === "upsert" && update.request) {
+      known.set(update.request.id, { ...update.request, seen });
+    } else if (update.operation === "remove") {
+      known.delete(update.id);
+    }
+    this.emit("inflight", [...known.values()]);
   },
   setConnected(value) {
     if (this.connected === value) return;
@@ -143,10 +168,13 @@ const events = {
             const msg = JSON.parse(data);
             if (msg.type === "modelStatus") this.emit("modelStatus", JSON.parse(msg.data));
             else if (msg.type === "activity") this.emit("activity", JSON.parse(msg.data));
+            else if (msg.type === "inflight") this.applyInflight(JSON.parse(msg.data));
+            else if (msg.type === "uiConfig") this.emit("uiConfig", JSON.parse(msg.data));
           }
         } catch (err) {
           if (err instanceof AuthError) break;
         }
+        if (this.last.inflight.size) this.applyInflight({ operation: "snapshot", requests: [] }); // stale now
         this.setConnected(false);
         if (controller.signal.aborted) break;
         await new Promise((r) => setTimeout(r, delay));
@@ -158,6 +186,7 @@ const events = {
     if (this.controller) this.controller.abort();
     this.controller = null;
     this.last.modelStatus = null;
+    this.last.inflight.clear();
     this.setConnected(false);
   },
 };
@@ -337,7 +366,7 @@ function ModelsView() {
       <tbody>
         ${visible.map((m) => {
           const r = running.byModel[m.id];
-          const peer = !!m.peerID;
+          const peer = !!m.peerID || !!m.remote; // runs elsewhere: swapd neither loads nor unloads it
           let ttl = "–";
           if (r && r.ttl > 0) {
             ttl =
@@ -347,7 +376,8 @@ function ModelsView() {
           } else if (r) ttl = "never";
           const fp = (r && r.footprint) || footprints[m.id];
           const busy = m.state === "starting" || m.state === "stopping" || !!pending[m.id];
-          return html`<tr key=${m.id} data-model=${m.id} data-state=${m.state || "peer"}>
+          const badge = m.remote ? "remote" : m.state;
+          return html`<tr key=${m.id} data-model=${m.id} data-state=${m.remote ? "remote" : m.state || "peer"}>
             <td class="name">
               <div class="model-name"><span class="dot" style=${{ background: modelColor(m.id) }}></span>${modelLabel(m)}</div>
               ${m.name && m.name.trim() !== m.id && html`<div class="sub mono">${m.id}</div>`}
@@ -355,7 +385,7 @@ function ModelsView() {
               ${m.aliases && m.aliases.length > 0 && html`<div class="sub">aliases: ${m.aliases.join(", ")}</div>`}
               ${errors[m.id] && html`<div class="error" role="alert">${errors[m.id]}</div>`}
             </td>
-            <td data-label="State"><${StateBadge} state=${m.state} /></td>
+            <td data-label="State"><${StateBadge} state=${badge} /></td>
             <td class="num" data-label="TTL" data-testid="ttl">${ttl}</td>
             <td class="num" data-label="In flight" data-testid="in-flight">${r ? r.in_flight : peer ? "–" : 0}</td>
             <td class="num" data-label="VRAM now">${r ? fmtMiB(r.vram_mib) : "–"}</td>
@@ -525,6 +555,65 @@ function waitedLabel(row) {
   return `${what} ${fmtMs(row.wait_ms)}`;
 }
 
+// The first of ui.activity.session_id's headers a request carried (llama-swap's UI reads it the same way).
+function sessionOf(headers, names) {
+  const lower = {};
+  for (const [k, v] of Object.entries(headers || {})) lower[k.toLowerCase()] = v;
+  for (const name of names || []) {
+    const v = lower[name.toLowerCase()];
+    if (v) return v;
+  }
+  return "";
+}
+
+function fmtBytes(n) {
+  if (!n) return "0 B";
+  if (n < 1024) return `${n} B`;
+  return n < 1048576 ? `${(n / 1024).toFixed(1)} KB` : `${(n / 1048576).toFixed(1)} MB`;
+}
+
+// The requests being answered now (/api/events "inflight"), each with a Cancel button.
+function InflightTable() {
+  const [requests, setRequests] = useState([]);
+  const [ui, setUi] = useState(DEFAULT_UI_CONFIG);
+  const [cancelling, setCancelling] = useState({});
+  const [error, setError] = useState("");
+  useEvent("inflight", setRequests, []);
+  useEvent("uiConfig", setUi, []);
+  const now = useNow(500);
+  if (!requests.length) return null;
+  const names = (ui.activity && ui.activity.session_id) || [];
+  const cancel = async (id) => {
+    setCancelling((c) => ({ ...c, [id]: true }));
+    try {
+      const res = await api(`api/inflight/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+      // 404: it ended on its own meanwhile
+      if (!res.ok && res.status !== 404) setError(await errorText(res));
+      else setError("");
+    } catch (err) {
+      if (!(err instanceof AuthError)) setError(String(err.message || err));
+    }
+  };
+  const sorted = [...requests].sort((a, b) => Number(a.id) - Number(b.id));
+  return html`<div class="inflight" data-testid="inflight">
+    <h3>In flight <span class="sub">${sorted.length}</span></h3>
+    ${error && html`<p class="error">${error}</p>`}
+    <div class="table-wrap"><table class="activity">
+      <thead><tr><th></th><th class="num">Elapsed</th><th>Model</th><th>Request</th><th>Address</th><th>Session</th>
+        <th class="num">Received</th></tr></thead>
+      <tbody>${sorted.map(
+        (r) => html`<tr key=${r.id} data-testid="inflight-row" data-id=${r.id}>
+          <td><button class="secondary" data-testid="inflight-cancel" disabled=${!!cancelling[r.id]} onClick=${() => cancel(r.id)}
+            title="Cancel this request: its client gets an error and the backend stops generating">Cancel</button></td>
+          <td class="num">${fmtMs(r.elapsed_ms + Math.max(0, now - r.seen))}</td>
+          <td>${r.model}</td><td class="mono">${r.method} ${r.req_path}</td><td class="mono">${r.remote_ip}</td>
+          <td class="mono">${sessionOf(r.req_headers, names) || "–"}</td>
+          <td class="num">${fmtBytes(r.resp_bytes)}</td>
+        </tr>`
+      )}</tbody></table></div>
+  </div>`;
+}
+
 function ActivityView() {
   const models = useModels();
   const [model, setModel] = useState("");
@@ -563,6 +652,7 @@ function ActivityView() {
     .filter((r) => r.tokens && r.tokens.tokens_per_second > 0)
     .map((r) => [Date.parse(r.timestamp), r.tokens.tokens_per_second]);
   const starts = list.filter((r) => r.waited && r.start_ms > 0).map((r) => r.start_ms);
+  const sessions = list.some((r) => r.session_id); // the Session column shows only when a row has one
   return html`<section>
     <div class="toolbar">
       <label>Model <select value=${model} onChange=${(e) => setModel(e.target.value)} data-testid="activity-model">
@@ -572,6 +662,7 @@ function ActivityView() {
       <span class="sub">${list.length} request${list.length === 1 ? "" : "s"} shown, newest first; updates live.</span>
     </div>
     ${error && html`<p class="error">${error}</p>`}
+    <${InflightTable} />
     <div class="charts">
       <${LineChart} points=${tps} label="Generation speed (tokens/s) over time" unit="tokens/s" />
       <${Histogram} values=${starts} label="Cold-start and swap times (model start)" />
@@ -582,7 +673,8 @@ function ActivityView() {
         ? html`<p class="empty">No requests yet.</p>`
         : html`<div class="table-wrap"><table class="activity">
           <thead><tr><th>Time</th><th>Model</th><th>Path</th><th class="num">Status</th><th>Waited on</th>
-            <th class="num">In</th><th class="num">Out</th><th class="num">tok/s</th><th class="num">TTFT</th><th class="num">Duration</th></tr></thead>
+            <th class="num">In</th><th class="num">Out</th><th class="num">tok/s</th><th class="num">TTFT</th><th class="num">Duration</th>
+            ${sessions && html`<th>Session</th>`}</tr></thead>
           <tbody>${list.map(
             (r) => html`<tr key=${r.id} data-testid="activity-row" data-model=${r.model} class=${r.resp_status_code >= 400 ? "bad" : ""}>
               <td>${fmtTime(r.timestamp)}</td><td>${r.model}</td><td class="mono">${r.req_path}</td>
@@ -591,6 +683,7 @@ function ActivityView() {
               <td class="num">${r.tokens.input_tokens}</td><td class="num">${r.tokens.output_tokens}</td>
               <td class="num">${fmtRate(r.tokens.tokens_per_second)}</td>
               <td class="num">${fmtMs(r.ttft_ms)}</td><td class="num">${fmtMs(r.duration_ms)}</td>
+              ${sessions && html`<td class="mono" data-testid="activity-session">${r.session_id || "–"}</td>`}
             </tr>`
           )}</tbody></table></div>`}
   </section>`;

@@ -72,6 +72,8 @@ class EventHub:
         self._logs: set[Subscription] = set()
         self._events: set[Subscription] = set()
         self._closed = False
+        # more records for a new /api/events client, after the built-in ones (in-flight requests, uiConfig)
+        self.greetings: list[Callable[[], bytes]] = []
 
     @property
     def subscribers(self) -> int:
@@ -119,6 +121,14 @@ class EventHub:
     def has_event_subscribers(self) -> bool:
         return bool(self._events)
 
+    def publish(self, kind: str, payload: Any) -> None:
+        """One event of ``kind`` to every /api/events client (encoded once; nothing when nobody listens)."""
+        if not self._events:
+            return
+        record = encode_event(kind, payload)
+        for sub in self._events:
+            sub.offer(record)
+
     def on_activity(self, entry: dict[str, Any]) -> None:
         """A request was recorded: llama-swap's ``activity`` message carries only the row id."""
         if not self._events:
@@ -126,6 +136,15 @@ class EventHub:
         record = encode_event("activity", {"id": entry["id"]})
         for sub in self._events:
             sub.offer(record)
+
+    def profile_changed(self, active: str | None) -> None:
+        """The active profile changed (llama-swap's ``profileChanged``, then the model list, as it sends them)."""
+        if not self._events:
+            return
+        record = encode_event("profileChanged", {"active": active})
+        for sub in self._events:
+            sub.offer(record)
+        self.models_changed()
 
     def models_changed(self) -> None:
         if not self._events:
@@ -155,12 +174,15 @@ def model_status(runtime) -> list[dict[str, Any]]:
             "id": model_id,
             "name": mc.name,
             "description": mc.description,
-            "state": backend.state.value if backend is not None else "stopped",
+            # a remote model (proxy, no cmd) is always ready and has no backend here
+            "state": backend.state.value if backend is not None else "ready" if mc.remote else "stopped",
             "unlisted": mc.unlisted,
             "peerID": "",
         }
         if mc.aliases:
             entry["aliases"] = list(mc.aliases)
+        if mc.remote:
+            entry["remote"] = True  # swapd addition: never started or stopped here
         # llama-swap renders only the capabilities key here (no GGUF is read on this path)
         fields = capabilities.render(mc.capabilities)
         for key in ("capabilities", "context_length"):
@@ -188,19 +210,24 @@ def model_status(runtime) -> list[dict[str, Any]]:
 async def handle_events(request: web.Request) -> web.StreamResponse:
     """``/api/events``: Server-Sent Events of model status and log data.
 
-    It opens with the log history (two ``logData`` records) and the model
-    status; ``?no-history`` leaves the history out, as on ``/logs/stream``.
+    It opens with the log history (two ``logData`` records), the model
+    status and the active profile (``profileChanged``); ``?no-history`` leaves
+    the history out, as on ``/logs/stream``.
     """
     rt = request.app[RUNTIME]
     hub: EventHub = rt.events
     logs: ObservedLogRing = rt.logs
     sub = hub.subscribe_events()
-    initial = [encode_event("modelStatus", model_status(rt))]
+    initial = [
+        encode_event("modelStatus", model_status(rt)),
+        encode_event("profileChanged", {"active": rt.active_profile}),
+    ]
     if "no-history" not in request.query:  # as on /logs/stream: a client that shows no log skips the backlog
         initial[:0] = [
             encode_event("logData", {"source": "proxy", "data": "".join(map(_plain, logs.proxy_lines()))}),
             encode_event("logData", {"source": "upstream", "data": "".join(map(_tagged, logs.upstream_lines()))}),
         ]
+    initial += [greet() for greet in hub.greetings]
     t0 = time.monotonic()
     response = web.StreamResponse(
         headers={
