@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from browser_util import CHROMIUM_ARGS, chromium_path  # noqa: E402
-from helpers import model, start_swapd, wait_until  # noqa: E402
+from helpers import free_port, model, start_swapd, wait_until  # noqa: E402
 from nvml_stub import build_stub, stub_env  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
@@ -53,6 +54,12 @@ def main() -> int:
     # memory held by a process swapd does not manage (a desktop session, say)
     other = __import__("subprocess").Popen(["sleep", "600"])
     (state / f"g{other.pid}").write_text("1200")
+    # a server swapd did not start, for a remote model (proxy, no cmd)
+    cloud_port = free_port()
+    cloud = __import__("subprocess").Popen(
+        [sys.executable, "-m", "swapd.fake_backend", "--port", str(cloud_port), "--quiet", "--chunks", "12"],
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
     s = start_swapd(
         tmp,
         {
@@ -61,6 +68,8 @@ def main() -> int:
             "llama-8b": model("--vram-mib", "7300", "--load-delay", "1.6", name="Llama 3.1 8B Instruct",
                               description="Q5_K_M, 32k context"),
             "embed": model("--vram-mib", "900", name="nomic-embed-text v1.5", description="embeddings", ttl=600),
+            "cloud-70b": {"proxy": f"http://127.0.0.1:{cloud_port}/v1", "name": "Llama 3.3 70B (LAN box)",
+                          "description": "remote: another machine's llama-server"},
         },
         env=stub_env(lib, state),
         groups={"chat": {"swap": True, "members": ["qwen-7b", "llama-8b"]}, "aux": {"persistent": True,
@@ -68,6 +77,7 @@ def main() -> int:
         globalTTL=900,
     )
     try:
+        wait_until(lambda: s.chat("cloud-70b").status == 200, timeout=15, message="the remote endpoint")
         traffic(s, state)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
@@ -86,6 +96,10 @@ def main() -> int:
                     if tab == "gpus":
                         page.wait_for_selector("[data-testid=stop]")
                     if tab == "activity":
+                        # one request in flight while the picture is taken (the In flight table, with Cancel)
+                        held = threading.Thread(target=s.chat, args=("embed",), kwargs={"x_sleep": 4}, daemon=True)
+                        held.start()
+                        page.wait_for_selector("[data-testid=inflight-row]")
                         page.wait_for_selector("[data-testid=activity-row]")
                     if tab == "logs":
                         page.select_option("[data-testid=log-source]", "upstream")
@@ -102,6 +116,7 @@ def main() -> int:
     finally:
         s.terminate()
         other.kill()
+        cloud.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"screenshots in {out}")
     return 0
