@@ -241,19 +241,9 @@ def _flags(cmd: Sequence[str], env: Mapping[str, str]) -> _Flags:
             values[key] = raw
         elif raw in _TRUTHY or raw in _FALSEY:
             values[key] = raw in _TRUTHY
-    args = list(cmd[1:])
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--"):
-            arg = arg.replace("_", "-")
-        if arg in _SWITCH_FLAGS:
-            key, on = _SWITCH_FLAGS[arg]
-            values[key] = on
-        elif arg in _VALUE_FLAGS and i + 1 < len(args):
-            i += 1
-            values[_VALUE_FLAGS[arg]] = args[i]
-        i += 1
+    for key, value in estimate.walk_options(cmd, _SWITCH_FLAGS, _VALUE_FLAGS):
+        if value is not None:  # a last option missing its value changes nothing
+            values[key] = value
     return _Flags(**values)
 
 

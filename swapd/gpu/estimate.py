@@ -71,7 +71,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -608,6 +608,33 @@ def _set(values: dict[str, Any], key: str, raw: str, problems: list[str]) -> Non
         values[key] = raw
 
 
+def walk_options(
+    cmd: Sequence[str], switches: Mapping[str, tuple[str, bool]], value_opts: Mapping[str, str]
+) -> Iterator[tuple[str, bool | str | None]]:
+    """The options of a llama-server command line that the two tables name, in order, as llama.cpp reads them.
+
+    Yields ``(key, True/False)`` for a switch, ``(key, value)`` for an option
+    with a value, and ``(the option as written, None)`` for a last option
+    missing its value (then stops). Long options may use ``_`` for ``-``;
+    ``--opt=value`` is not an option (llama-server refuses it).
+    """
+    args = list(cmd[1:])
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            arg = arg.replace("_", "-")
+        if arg in switches:
+            yield switches[arg]
+        elif arg in value_opts:
+            if i + 1 >= len(args):
+                yield args[i], None
+                return
+            i += 1
+            yield value_opts[arg], args[i]
+        i += 1
+
+
 def llama_flags(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> LlamaFlags:
     """Parse the memory-relevant flags of a llama-server command line.
 
@@ -635,22 +662,13 @@ def llama_flags(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> Lla
                     problems.append(f"{var}={raw!r} is not a boolean")
             else:
                 _set(values, key, raw, problems)
-    args = list(cmd[1:])
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--"):
-            arg = arg.replace("_", "-")
-        if arg in _SWITCHES:
-            key, on = _SWITCHES[arg]
-            _switch(values, key, on)
-        elif arg in _VALUE_OPTS:
-            if i + 1 >= len(args):
-                problems.append(f"{args[i]} needs a value")
-                break
-            i += 1
-            _set(values, _VALUE_OPTS[arg], args[i], problems)
-        i += 1
+    for key, value in walk_options(cmd, _SWITCHES, _VALUE_OPTS):
+        if isinstance(value, bool):
+            _switch(values, key, value)
+        elif value is None:
+            problems.append(f"{key} needs a value")
+        else:
+            _set(values, key, value, problems)
     values["tensor_overrides"] = tuple(values["tensor_overrides"])
     values["problems"] = tuple(problems)
     return LlamaFlags(**values)
