@@ -288,6 +288,43 @@ def start_swapd(
     return swapd
 
 
+def healthy(port: int) -> bool:
+    """Whether a server on 127.0.0.1:``port`` answers ``GET /health`` with 200 now."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    except OSError:
+        return False
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def start_fake_server(*opts: str) -> tuple[subprocess.Popen, int]:
+    """The fake backend started directly: a server swapd did not start (a peer, a remote model).
+
+    Returns the process (the caller kills it) and its port, once ``/health`` answers.
+    """
+    port = free_port()
+    proc = subprocess.Popen(
+        [PY, "-m", "swapd.fake_backend", "--port", str(port), "--quiet", *opts],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: healthy(port), timeout=15, message="the fake backend started by the test")
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, port
+
+
 def backend_stats(port: int) -> dict:
     """The fake backend's /x/stats counters (streams started, cancelled, in flight)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from helpers import PY, ROOT, backend_stats, free_port, model, wait_until
+from helpers import backend_stats, model, start_fake_server, wait_until
 from nvml_stub import stub_dir_for, stub_env
 
 # -- plumbing ---------------------------------------------------------------------------------------------
@@ -137,35 +135,12 @@ def read_stream(port: int, body: dict, path: str = "/v1/chat/completions", heade
         conn.close()
 
 
-def start_backend(*opts: str) -> tuple[subprocess.Popen, int]:
-    """A fake backend swapd did not start (a peer)."""
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
-        [PY, "-m", "swapd.fake_backend", "--port", str(port), "--quiet", *opts],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def up():
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/health")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-
-    wait_until(up, timeout=15, message="the fake backend")
-    return proc, port
-
-
 @pytest.fixture
 def peer():
     started = []
 
     def make(*opts: str) -> int:
-        proc, port = start_backend(*opts)
+        proc, port = start_fake_server(*opts)
         started.append(proc)
         return port
 

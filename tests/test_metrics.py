@@ -191,12 +191,12 @@ def test_a_peer_request_is_counted_under_the_peer_model(swapd, tmp_path):
     import subprocess
     import sys
 
-    from helpers import free_port
+    from helpers import free_port, healthy
 
     port = free_port()
     backend = subprocess.Popen([sys.executable, "-m", "swapd.fake_backend", "--port", str(port), "--quiet"])
     try:
-        wait_until(lambda: _up(port), message="the peer's backend")
+        wait_until(lambda: healthy(port), message="the peer's backend")
         s = swapd({"m": model()}, peers={"lan": {"proxy": f"http://127.0.0.1:{port}", "models": ["remote-x"]}})
         assert s.chat("lan/remote-x", max_tokens=4).status == 200
         m = scrape(s)
@@ -205,17 +205,6 @@ def test_a_peer_request_is_counted_under_the_peer_model(swapd, tmp_path):
     finally:
         backend.terminate()
         backend.wait(10)
-
-
-def _up(port: int) -> bool:
-    import http.client
-
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        conn.request("GET", "/health")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
 
 
 def test_a_reload_that_changes_a_model_counts_a_reload_stop(swapd):

@@ -8,13 +8,12 @@ enforces it.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import subprocess
 
 import pytest
-from helpers import PY, ROOT, free_port, model, start_swapd, wait_until, write_config
+from helpers import PY, ROOT, free_port, model, start_fake_server, start_swapd, wait_until, write_config
 
 from swapd.config import ConfigError, load_config_text
 
@@ -22,26 +21,10 @@ REMOTE_KEY = "sk-remote-secret-123"
 SWAPD_KEY = "sk-swapd-key-456"
 
 
-def _up(port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        conn.request("GET", "/health")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def remote():
     """A running OpenAI-compatible server that swapd does not start, which wants REMOTE_KEY."""
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
-        [PY, "-m", "swapd.fake_backend", "--port", str(port), "--quiet", "--chunks", "5", "--interval", "0.05",
-         "--api-key", REMOTE_KEY],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    wait_until(lambda: _up(port), timeout=15, message="the remote endpoint")
+    proc, port = start_fake_server("--chunks", "5", "--interval", "0.05", "--api-key", REMOTE_KEY)
     yield port
     proc.kill()
     proc.wait()

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from helpers import PY, ROOT, free_port, model, wait_until
+from helpers import PY, ROOT, free_port, healthy, model, wait_until
 
 
 def _fds(port: int) -> dict[int, str]:
@@ -37,17 +37,6 @@ def _links(pid: int) -> set[str]:
     return out
 
 
-def _healthy(port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        conn.request("GET", "/health")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def plain_kinds():
     """What the fake backend holds when spawned plainly (close_fds, stdio pipes)."""
@@ -61,7 +50,7 @@ def plain_kinds():
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
-        wait_until(lambda: _healthy(port), timeout=15, message="plain fake backend")
+        wait_until(lambda: healthy(port), timeout=15, message="plain fake backend")
         return _kinds(_fds(port))
     finally:
         proc.kill()
